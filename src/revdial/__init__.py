@@ -1,0 +1,71 @@
+"""revdial: reverse tunnels for Python on trio, wire-compatible with Rancher's remotedialer.
+
+An *agent* behind NAT opens one outbound WebSocket to a *server*; the server
+then dials TCP (and unix-socket) connections back through it, many streams
+multiplexed on the one socket.
+"""
+
+from ._agent import Agent, AllowPolicy, Dialer, connect, default_dialer, make_ssl_context
+from ._errors import (
+    DialError,
+    DialRefusedError,
+    DialSessionLostError,
+    DialTimeoutError,
+    DialUnreachableError,
+    FrameError,
+    HandshakeError,
+    NoSuchClientError,
+    ProtocolError,
+    RevdialError,
+    SessionLostError,
+    StreamResetError,
+    TunnelError,
+)
+from ._limits import DEFAULT_LIMITS, Limits
+from ._server import (
+    Authorizer,
+    HandshakeRequest,
+    Server,
+    ServerStatistics,
+    open_server,
+    token_authorizer,
+)
+from ._session import Session, SessionStatistics
+from ._splice import splice
+from ._stream import TunnelStream
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Agent",
+    "AllowPolicy",
+    "Authorizer",
+    "DialError",
+    "DialRefusedError",
+    "DialSessionLostError",
+    "DialTimeoutError",
+    "DialUnreachableError",
+    "Dialer",
+    "FrameError",
+    "HandshakeError",
+    "HandshakeRequest",
+    "Limits",
+    "NoSuchClientError",
+    "ProtocolError",
+    "RevdialError",
+    "Server",
+    "ServerStatistics",
+    "Session",
+    "SessionLostError",
+    "SessionStatistics",
+    "StreamResetError",
+    "TunnelError",
+    "TunnelStream",
+    "connect",
+    "default_dialer",
+    "make_ssl_context",
+    "open_server",
+    "splice",
+    "token_authorizer",
+]

@@ -1,0 +1,380 @@
+"""The agent: keeps one outbound WebSocket session up and dials for the server."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import logging
+import random
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+import trio
+from trio_websocket import ConnectionRejected, wrap_client_stream
+from trio_websocket import HandshakeError as WSHandshakeError
+
+from ._errors import HandshakeError, RevdialError, SessionLostError, exception_leaves
+from ._limits import DEFAULT_LIMITS, Limits
+from ._session import ActivityStream, Session
+from ._splice import splice
+from ._state import Role
+from ._stream import POLICY_REFUSAL_PREFIX, TunnelStream
+
+__all__ = [
+    "Agent",
+    "AllowPolicy",
+    "Dialer",
+    "connect",
+    "default_dialer",
+    "make_ssl_context",
+    "split_host_port",
+]
+
+log = logging.getLogger("revdial")
+
+#: ``dialer(proto, address) -> stream``: how the agent reaches a target.
+Dialer = Callable[[str, str], Awaitable[trio.abc.Stream]]
+AllowSpec = "AllowPolicy | Callable[[str, str], bool] | Iterable[str] | None"
+
+_TCP_PROTOS = frozenset({"tcp", "tcp4", "tcp6"})
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ValueError if malformed."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise ValueError(f"address {address!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"IPv6 address {address!r} must be in brackets: [ADDR]:PORT")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {address!r}")
+    return host, port
+
+
+class AllowPolicy:
+    """Which targets the server may dial through this agent (deny by default).
+
+    Patterns: ``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``), with ``*`` for any host
+    or any port (``*:443``, ``db.internal:*``), and ``unix:/path/to.sock``.
+    Hosts are compared as written, case-insensitively, without resolving
+    names: allowing ``127.0.0.1:22`` does not allow ``localhost:22``.
+    """
+
+    def __init__(self, patterns: Iterable[str] = (), *, allow_all: bool = False) -> None:
+        self.allow_all = allow_all
+        self._tcp: set[tuple[str, str]] = set()
+        self._unix: set[str] = set()
+        for pattern in patterns:
+            if pattern.startswith("unix:"):
+                self._unix.add(pattern[5:])
+                continue
+            host, sep, port = pattern.rpartition(":")
+            if not sep or not host or not (port == "*" or port.isdigit()):
+                raise ValueError(f"allow pattern {pattern!r} is not HOST:PORT or unix:PATH")
+            self._tcp.add((host.strip("[]").lower(), port))
+
+    def __repr__(self) -> str:
+        return (
+            f"AllowPolicy(tcp={sorted(self._tcp)}, unix={sorted(self._unix)}, "
+            f"allow_all={self.allow_all})"
+        )
+
+    def __call__(self, proto: str, address: str) -> bool:
+        if self.allow_all:
+            return True
+        if proto == "unix":
+            return address in self._unix
+        if proto not in _TCP_PROTOS:
+            return False
+        try:
+            host, port = split_host_port(address)
+        except ValueError:
+            return False
+        host = host.lower()
+        p = str(port)
+        return any(h in ("*", host) and pp in ("*", p) for h, pp in self._tcp)
+
+
+def _as_policy(allow: object) -> Callable[[str, str], bool]:
+    if allow is None:
+        return AllowPolicy()
+    if isinstance(allow, AllowPolicy) or callable(allow):
+        return cast("Callable[[str, str], bool]", allow)
+    if isinstance(allow, str):
+        return AllowPolicy([allow])
+    return AllowPolicy(cast("Iterable[str]", allow))
+
+
+def _handshake_error(exc: BaseException) -> BaseException:
+    """Translate what escapes the handshake into one revdial error."""
+    leaves = exception_leaves(exc)
+    for leaf in leaves:
+        if isinstance(leaf, ConnectionRejected):
+            body = (leaf.body or b"").decode("utf-8", "replace").strip()[:200]
+            return HandshakeError(
+                f"server refused the tunnel: HTTP {leaf.status_code} {body}".rstrip(),
+                status=leaf.status_code,
+                body=body,
+            )
+    for leaf in leaves:
+        if isinstance(leaf, WSHandshakeError | trio.BrokenResourceError | OSError):
+            return HandshakeError(f"connection failed during the handshake: {leaf}")
+    if len(leaves) == 1 and isinstance(leaves[0], RevdialError):
+        return leaves[0]
+    return exc
+
+
+def _describe_oserror(exc: BaseException) -> str:
+    """A Go-like description of a connect failure (``connect: connection refused``)."""
+    seen: list[BaseException] = []
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        seen.append(e)
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(e.exceptions)
+        if e.__cause__ is not None:
+            stack.append(e.__cause__)
+    for e in seen:
+        if isinstance(e, socket.gaierror):
+            return f"lookup failed: {e.strerror or e}"
+    for e in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            code = errno.errorcode.get(e.errno, "")
+            text = {
+                "ECONNREFUSED": "connection refused",
+                "ENETUNREACH": "network is unreachable",
+                "EHOSTUNREACH": "no route to host",
+                "ETIMEDOUT": "i/o timeout",
+                "ENOENT": "no such file or directory",
+            }.get(code, e.strerror or str(e))
+            return f"connect: {text}"
+    return str(exc) or type(exc).__name__
+
+
+async def default_dialer(proto: str, address: str) -> trio.abc.Stream:
+    """Dial ``tcp``/``tcp4``/``tcp6`` or ``unix`` targets with the OS."""
+    if proto in _TCP_PROTOS:
+        host, port = split_host_port(address)
+        return await trio.open_tcp_stream(host, port)
+    if proto == "unix":
+        return await trio.open_unix_socket(address)
+    raise OSError(errno.EPROTONOSUPPORT, f"unknown network {proto}")
+
+
+def make_ssl_context(
+    ca_file: str | None = None, ca_checksum: str | None = None
+) -> ssl.SSLContext:
+    """A client TLS context; with ``ca_file`` only that CA is trusted.
+
+    ``ca_checksum`` (SHA-256, hex, as Rancher's ``CATTLE_CA_CHECKSUM``) pins
+    the CA file: a file whose checksum differs is refused.
+    """
+    ctx = ssl.create_default_context()
+    if ca_file is not None:
+        with open(ca_file, "rb") as f:
+            pem = f.read()
+        if ca_checksum is not None:
+            digest = hashlib.sha256(pem).hexdigest()
+            if not hmac.compare_digest(digest, ca_checksum.strip().lower()):
+                raise ValueError(
+                    f"CA file {ca_file} does not match the pinned SHA-256 checksum"
+                )
+        ctx = ssl.create_default_context(cadata=pem.decode("ascii"))
+    elif ca_checksum is not None:
+        raise ValueError("a CA checksum pins a CA file: give ca_file as well")
+    return ctx
+
+
+class Agent:
+    """One agent: connects to ``url`` and serves the server's dials.
+
+    ``headers`` are sent with the WebSocket upgrade (for the CLI:
+    ``X-Tunnel-ID`` and ``Authorization: Bearer``). ``allow`` decides which
+    ``proto``/``address`` the server may dial (an :class:`AllowPolicy`, a list
+    of its patterns, or a callable); by default nothing is allowed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        allow: object = None,
+        ssl_context: ssl.SSLContext | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        dialer: Dialer = default_dialer,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 30.0,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"server URL must be ws:// or wss://, not {url!r}")
+        if not parts.hostname:
+            raise ValueError(f"server URL {url!r} has no host")
+        self.url = url
+        self._secure = parts.scheme == "wss"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if self._secure else 80)
+        default_port = 443 if self._secure else 80
+        host_for_header = f"[{self._host}]" if ":" in self._host else self._host
+        self._host_header = (
+            host_for_header if self._port == default_port else f"{host_for_header}:{self._port}"
+        )
+        self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self._allow = _as_policy(allow)
+        self._ssl_context = ssl_context if ssl_context is not None else (
+            ssl.create_default_context() if self._secure else None
+        )
+        self.limits = limits
+        self._dialer = dialer
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        #: The live session, if any.
+        self.session: Session | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a session up forever, reconnecting with capped exponential
+        backoff plus jitter. ``task_status.started()`` fires once the first
+        session is up. Only cancellation ends it.
+        """
+        delay = self._backoff_initial
+        started = False
+        while True:
+            up_since: float | None = None
+
+            def on_up() -> None:
+                nonlocal started, up_since
+                up_since = trio.current_time()
+                if not started:
+                    started = True
+                    task_status.started()
+
+            try:
+                await self._run_session(on_up)
+                log.info("session to %s ended", self.url)
+            except (RevdialError, OSError, trio.BrokenResourceError) as exc:
+                log.warning("tunnel to %s: %s", self.url, exc)
+            if up_since is not None and trio.current_time() - up_since > self._backoff_max:
+                delay = self._backoff_initial
+            wait = random.uniform(delay / 2, delay)
+            log.info("reconnecting in %.1f s", wait)
+            await trio.sleep(wait)
+            delay = min(delay * 2, self._backoff_max)
+
+    async def run_once(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run one session until it ends; raise :class:`HandshakeError` if the
+        server refuses us, ``OSError`` if it cannot be reached."""
+
+        def on_up() -> None:
+            task_status.started()
+
+        await self._run_session(on_up)
+
+    async def _run_session(self, on_up: Callable[[], None]) -> None:
+        limits = self.limits
+        with trio.fail_after(limits.handshake_timeout):
+            tcp = await trio.open_tcp_stream(self._host, self._port)
+        stream: trio.abc.Stream = tcp
+        if self._ssl_context is not None:
+            stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._host)
+        transport = ActivityStream(stream)
+        session: Session | None = None
+        try:
+            # The nursery hosts trio-websocket's reader task, whose handshake
+            # errors (ConnectionRejected) surface here as exception groups.
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(limits.handshake_timeout):
+                    if isinstance(stream, trio.SSLStream):
+                        await stream.do_handshake()
+                    ws = await wrap_client_stream(
+                        nursery,
+                        cast("trio.SocketStream", transport),
+                        self._host_header,
+                        self._resource,
+                        extra_headers=list(self._headers),
+                        max_message_size=limits.max_message_size,
+                        receive_buffer_size=limits.read_size,
+                    )
+                    session = Session(
+                        ws,
+                        transport,
+                        Role.CLIENT,
+                        client_key="client",
+                        limits=limits,
+                        on_connect=self._handle_connect,
+                    )
+                if session is None:
+                    nursery.cancel_scope.cancel()
+                else:
+                    self.session = session
+                    log.info("session %s: connected to %s", session.id, self.url)
+                    on_up()
+                    try:
+                        await session.run()
+                    finally:
+                        self.session = None
+                        nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if session is None:
+                raise _handshake_error(exc) from None
+            raise SessionLostError(f"session failed: {exc!r}") from exc
+        finally:
+            await trio.aclose_forcefully(transport)
+        if session is None:
+            raise HandshakeError(
+                f"no WebSocket handshake within {limits.handshake_timeout:.0f} s"
+            )
+        if session.end_reason is not None:
+            raise SessionLostError(f"session ended: {session.end_reason}")
+
+    async def _handle_connect(self, stream: TunnelStream, proto: str, address: str) -> None:
+        target = f"{proto}/{address}"
+        if not self._allow(proto, address):
+            log.warning("refused dial to %s: not allowed by the agent's policy", target)
+            stream.close_nowait(f"{POLICY_REFUSAL_PREFIX}: {target}")
+            return
+        try:
+            with trio.fail_after(self.limits.dial_timeout):
+                local = await self._dialer(proto, address)
+        except trio.TooSlowError:
+            reason = f"dial {proto} {address}: i/o timeout"
+        except (OSError, ValueError) as exc:
+            reason = f"dial {proto} {address}: {_describe_oserror(exc)}"
+        else:
+            stream.session.dial_succeeded(stream)
+            await splice(stream, local, read_size=self.limits.read_size)
+            return
+        log.warning("dial to %s failed: %s", target, reason)
+        stream.close_nowait(reason)
+
+
+async def connect(
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    allow: object = None,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+    dialer: Dialer = default_dialer,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run an agent for ``url`` forever (see :class:`Agent`).
+
+    ``await nursery.start(revdial.connect, url, ...)`` returns once the first
+    session is up.
+    """
+    agent = Agent(
+        url, headers=headers, allow=allow, ssl_context=ssl_context, limits=limits, dialer=dialer
+    )
+    await agent.run(task_status=task_status)

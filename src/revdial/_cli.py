@@ -1,0 +1,265 @@
+"""The ``revdial`` command: ``server``, ``agent`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+
+from ._agent import Agent, AllowPolicy, make_ssl_context, split_host_port
+from ._errors import DialError, RevdialError, TunnelError
+from ._server import Authorizer, HandshakeRequest, Server, token_authorizer
+from ._splice import splice
+
+__all__ = ["Forward", "main", "parse_forward", "read_tokens_file"]
+
+log = logging.getLogger("revdial")
+
+TOKEN_ENV = "REVDIAL_TOKEN"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """``--forward LISTEN_HOST:PORT=CLIENT_KEY/TARGET_HOST:PORT``."""
+
+    listen_host: str
+    listen_port: int
+    client_key: str
+    target: str  # HOST:PORT as the agent will dial it
+
+    def __str__(self) -> str:
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"{host}:{self.listen_port} -> {self.client_key}/tcp/{self.target}"
+
+
+def parse_forward(spec: str) -> Forward:
+    listen, sep, rest = spec.partition("=")
+    key, sep2, target = rest.partition("/")
+    if not sep or not sep2 or not key or not target:
+        raise argparse.ArgumentTypeError(
+            f"--forward {spec!r}: expected LISTEN_HOST:PORT=CLIENT_KEY/TARGET_HOST:PORT"
+        )
+    try:
+        host, port = split_host_port(listen)
+        split_host_port(target)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--forward {spec!r}: {exc}") from None
+    return Forward(host, port, key, target)
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    try:
+        return split_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def read_tokens_file(path: str) -> dict[str, str]:
+    """``KEY TOKEN`` per line; blank lines and ``#`` comments ignored."""
+    tokens: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) != 2:  # never echo the line: it holds a secret
+                raise ValueError(f"{path}:{lineno}: expected 'KEY TOKEN'")
+            tokens[parts[0]] = parts[1]
+    if not tokens:
+        raise ValueError(f"{path}: no tokens")
+    return tokens
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="revdial",
+        description="Reverse tunnels over WebSocket, wire-compatible with Rancher's remotedialer.",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"],
+        help="logging level (default: info)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    srv = sub.add_parser(
+        "server",
+        help="accept agents and forward local ports through them",
+        description="Accept agents at ws://HOST:PORT/connect and forward local ports "
+        "through their tunnels. Agents authenticate with 'X-Tunnel-ID: KEY' and "
+        "'Authorization: Bearer TOKEN'.",
+    )
+    srv.add_argument("--listen", required=True, type=_listen_address, metavar="HOST:PORT",
+                     help="where agents connect (IPv6 in brackets)")
+    auth = srv.add_mutually_exclusive_group()
+    auth.add_argument("--token", metavar="TOKEN",
+                      help=f"accept any client key with this token (or set ${TOKEN_ENV})")
+    auth.add_argument("--tokens", metavar="FILE", help="file of 'KEY TOKEN' lines")
+    auth.add_argument("--insecure-no-auth", action="store_true",
+                      help="accept any agent that sends X-Tunnel-ID, without a token")
+    srv.add_argument("--forward", action="append", default=[], type=parse_forward,
+                     metavar="LISTEN_HOST:PORT=CLIENT_KEY/TARGET_HOST:PORT",
+                     help="listen locally and pipe each connection to TARGET through "
+                     "CLIENT_KEY's tunnel (repeatable)")
+    srv.add_argument("--tls-cert", metavar="FILE", help="serve wss:// with this certificate chain")
+    srv.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert")
+    srv.add_argument("--path", default="/connect", help="WebSocket path (default: /connect)")
+
+    agt = sub.add_parser(
+        "agent",
+        help="connect to a server and dial allowed targets for it",
+        description="Keep a tunnel to SERVER up (reconnecting with backoff) and dial the "
+        "targets the server asks for, if --allow permits them.",
+    )
+    agt.add_argument("--server", required=True, metavar="URL",
+                     help="ws://HOST:PORT/connect or wss://...")
+    agt.add_argument("--id", required=True, metavar="KEY", help="client key (X-Tunnel-ID)")
+    agt.add_argument("--token", metavar="TOKEN",
+                     help=f"bearer token (or set ${TOKEN_ENV}, which keeps it out of ps)")
+    agt.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
+                     help="a target the server may dial: HOST:PORT, * for any host or port, "
+                     "or unix:PATH (repeatable; nothing is allowed by default)")
+    agt.add_argument("--allow-all", action="store_true",
+                     help="let the server dial anything this host can reach")
+    agt.add_argument("--ca-file", metavar="FILE", help="trust only this CA for wss://")
+    agt.add_argument("--ca-checksum", metavar="SHA256",
+                     help="refuse to start unless --ca-file has this SHA-256 checksum")
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a server, an agent and a forward on loopback and show them working",
+    )
+    demo.add_argument("--keep-running", action="store_true",
+                      help="stay up after the walk-through so you can try it by hand")
+    return parser
+
+
+async def _run_until_signal(body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` until it returns or SIGINT/SIGTERM arrives (then cleanly)."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    return
+
+            async def run_body() -> None:
+                await body()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            nursery.start_soon(run_body)
+
+
+def _server_authorizer(args: argparse.Namespace) -> Authorizer:
+    token = args.token
+    if not (token or args.tokens or args.insecure_no_auth):
+        token = os.environ.get(TOKEN_ENV)
+    if args.tokens:
+        return token_authorizer(tokens=read_tokens_file(args.tokens))
+    if token:
+        return token_authorizer(token=token)
+    if args.insecure_no_auth:
+        log.warning("--insecure-no-auth: any agent that names itself may connect")
+
+        def any_key(request: HandshakeRequest) -> str | None:
+            return request.headers.get("x-tunnel-id", "").strip() or None
+
+        return any_key
+    raise SystemExit(
+        "revdial server: refusing to start without authentication: give --token, "
+        f"--tokens FILE or ${TOKEN_ENV} (or --insecure-no-auth to accept any agent)"
+    )
+
+
+async def _serve_forward(server: Server, fwd: Forward, read_size: int,
+                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def handle(local: trio.SocketStream) -> None:
+        try:
+            tunnel = await server.dial(fwd.client_key, "tcp", fwd.target)
+        except DialError as exc:
+            log.warning("forward %s: %s", fwd, exc)
+            await trio.aclose_forcefully(local)
+            return
+        try:
+            await splice(tunnel, local, read_size=read_size)
+        except DialError as exc:
+            log.warning("forward %s: %s", fwd, exc)
+        except TunnelError as exc:
+            log.info("forward %s: connection ended: %s", fwd, exc)
+
+    listeners = await trio.open_tcp_listeners(fwd.listen_port, host=fwd.listen_host)
+    log.info("forward %s", fwd)
+    task_status.started()
+    await trio.serve_listeners(handle, listeners)
+
+
+def _server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("revdial server: --tls-cert and --tls-key go together")
+    if not args.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(args.tls_cert, args.tls_key)
+    return ctx
+
+
+async def _cmd_server(args: argparse.Namespace) -> None:
+    authorize = _server_authorizer(args)
+    server = Server(authorize, path=args.path, ssl_context=_server_ssl(args))
+    host, port = args.listen
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, host, port)
+        for fwd in args.forward:
+            await nursery.start(_serve_forward, server, fwd, server.limits.read_size)
+
+
+async def _cmd_agent(args: argparse.Namespace) -> None:
+    token = args.token or os.environ.get(TOKEN_ENV)
+    headers = {"X-Tunnel-ID": args.id}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if not args.allow and not args.allow_all:
+        log.warning("no --allow given: the server will not be able to dial anything")
+    try:
+        policy = AllowPolicy(args.allow, allow_all=args.allow_all)
+        ssl_context = (
+            make_ssl_context(args.ca_file, args.ca_checksum)
+            if args.ca_file or args.ca_checksum
+            else None
+        )
+        agent = Agent(args.server, headers=headers, allow=policy, ssl_context=ssl_context)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"revdial agent: {exc}") from None
+    await agent.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    commands: dict[str, Callable[[argparse.Namespace], Awaitable[None]]] = {
+        "server": _cmd_server,
+        "agent": _cmd_agent,
+    }
+    if args.command == "demo":
+        from ._demo import run_demo
+
+        commands["demo"] = run_demo
+    try:
+        trio.run(_run_until_signal, lambda: commands[args.command](args))
+    except (RevdialError, OSError) as exc:
+        print(f"revdial {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return 0

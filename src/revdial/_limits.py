@@ -1,0 +1,84 @@
+"""Every bound revdial enforces, in one frozen dataclass, each with its reason.
+
+Memory bound that follows from the defaults (see README, "Limits"):
+
+* per stream: at most ``stream_max_buffer`` (16 MiB) of received, unread bytes;
+  a well-behaved peer stays under ``stream_high_water`` + what was in flight
+  when our Pause reached it (about 3.4 MB seen from a Go peer on loopback);
+* per session: at most ``session_max_buffer`` (64 MiB) of received, unread
+  bytes across all its streams, plus one WebSocket message being reassembled
+  (``max_message_size``) and a bounded outbox (``outbox_bytes`` of Data plus
+  ``max_control_frames`` small control frames);
+* per server: ``max_sessions`` sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    #: Send Pause when a stream holds more unread bytes than this. Go uses 2 MiB;
+    #: 1 MiB keeps a 1 GiB/s stream busy for a millisecond, which is plenty.
+    stream_high_water: int = 1 * MiB
+    #: Send Resume once the reader has drained the stream below this (Go: 256 KiB).
+    stream_low_water: int = 256 * KiB
+    #: Reset a stream whose peer ignores Pause and overruns this. A Go peer keeps
+    #: sending until our Pause reaches it: up to one TCP connection's in-flight
+    #: bytes (Linux autotuning: tcp_wmem 4 MiB + tcp_rmem 6 MiB at most; 3.4 MB
+    #: seen on loopback). 16 MiB never resets a well-behaved peer.
+    stream_max_buffer: int = 16 * MiB
+    #: While the session holds more unread bytes than this, every stream that
+    #: receives Data is paused, so many half-full streams cannot add up.
+    session_high_water: int = 32 * MiB
+    #: Hard bound for the whole session: the stream whose Data crosses it is reset.
+    session_max_buffer: int = 64 * MiB
+    #: Largest WebSocket message accepted. Go agents send <= 32 KiB Data; a Go
+    #: server sends one frame per application write, so leave room.
+    max_message_size: int = 16 * MiB
+    #: Largest Data payload we send in one frame: 256 KiB reads and frames are
+    #: where a trio byte pump stops being dominated by per-message overhead.
+    max_frame_size: int = 256 * KiB
+    #: Bytes read from a local socket at once (same reasoning).
+    read_size: int = 256 * KiB
+    #: Data bytes queued for the WebSocket writer before senders block.
+    outbox_bytes: int = 1 * MiB
+    #: Queued control frames (Pause, Resume, Error replies) before the session
+    #: is declared stuck: a peer that stops reading while provoking replies.
+    max_control_frames: int = 65536
+    #: Streams open at once on one session.
+    max_streams: int = 65536
+    #: Sessions a server holds at once.
+    max_sessions: int = 1024
+    #: Agents ping this often (Go: 5 s); servers ping too, to find dead agents.
+    ping_interval: float = 5.0
+    #: A session whose peer has not answered a ping for this long is dead.
+    #: Go's read deadline is 60 s; we fail faster, still far above any RTT.
+    ping_timeout: float = 30.0
+    #: Agents send SyncConnections this often (Go: 60 s).
+    sync_interval: float = 60.0
+    #: Streams younger than this are never reaped by SyncConnections (race 6.11).
+    sync_grace: float = 10.0
+    #: Agent-side dial timeout (Go: 60 s).
+    dial_timeout: float = 30.0
+    #: WebSocket opening handshake timeout (Go: 10 s client, 5 s server).
+    handshake_timeout: float = 10.0
+    #: Graceful part of closing a session before it is closed forcefully.
+    close_timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.stream_low_water < self.stream_high_water < self.stream_max_buffer:
+            raise ValueError("need 0 < stream_low_water < stream_high_water < stream_max_buffer")
+        if not 0 < self.session_high_water < self.session_max_buffer:
+            raise ValueError("need 0 < session_high_water < session_max_buffer")
+        if self.max_frame_size <= 0 or self.read_size <= 0 or self.outbox_bytes <= 0:
+            raise ValueError("frame, read and outbox sizes must be positive")
+        if self.ping_interval <= 0 or self.ping_timeout <= 0:
+            raise ValueError("ping_interval and ping_timeout must be positive")
+
+
+DEFAULT_LIMITS = Limits()

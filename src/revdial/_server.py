@@ -1,0 +1,318 @@
+"""The server: accepts agents' WebSockets and dials through them."""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import cast
+
+import trio
+from trio_websocket import WebSocketRequest, wrap_server_stream
+
+from ._errors import NoSuchClientError, exception_leaves
+from ._limits import DEFAULT_LIMITS, Limits
+from ._session import ActivityStream, Session
+from ._state import Role
+from ._stream import TunnelStream
+
+__all__ = [
+    "Authorizer",
+    "HandshakeRequest",
+    "Server",
+    "ServerStatistics",
+    "open_server",
+    "token_authorizer",
+]
+
+log = logging.getLogger("revdial")
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRequest:
+    """What an authorizer sees of an agent's WebSocket upgrade request."""
+
+    path: str
+    #: Header names lower-cased; repeated headers joined with ", ".
+    headers: Mapping[str, str]
+    #: ``host:port`` of the peer, for logs.
+    remote: str
+
+
+#: ``authorize(request) -> client key`` (or None to refuse with 401). It may be
+#: a coroutine function. Raising ``ValueError`` answers 400 with its text.
+Authorizer = Callable[[HandshakeRequest], "str | Awaitable[str | None] | None"]
+
+
+def token_authorizer(
+    *, tokens: Mapping[str, str] | None = None, token: str | None = None
+) -> Authorizer:
+    """Authorize agents by ``X-Tunnel-ID: KEY`` plus ``Authorization: Bearer TOKEN``.
+
+    ``tokens`` maps each client key to its token; ``token`` is accepted for
+    any key. This is the header pair a Go remotedialer example client sends.
+    Tokens are compared in constant time and never logged.
+    """
+    if not tokens and not token:
+        raise ValueError("token_authorizer needs tokens or token")
+    table = {k: v.encode() for k, v in (tokens or {}).items()}
+    shared = token.encode() if token else None
+
+    def authorize(request: HandshakeRequest) -> str | None:
+        key = request.headers.get("x-tunnel-id", "").strip()
+        auth = request.headers.get("authorization", "")
+        scheme, _, presented = auth.partition(" ")
+        if not key or scheme.lower() != "bearer":
+            return None
+        given = presented.strip().encode()
+        ok = False
+        expected = table.get(key)
+        if expected is not None:
+            ok = hmac.compare_digest(given, expected)
+        if shared is not None:
+            ok = hmac.compare_digest(given, shared) or ok
+        return key if ok else None
+
+    return authorize
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatistics:
+    sessions: int
+    clients: int
+    streams: int
+    buffered_bytes: int
+
+
+class Server:
+    """Accepts agent sessions at ``path`` and dials connections through them.
+
+    Use :func:`open_server`, or ``await nursery.start(server.serve, host, port)``.
+    """
+
+    def __init__(
+        self,
+        authorize: Authorizer,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        path: str = "/connect",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._authorize = authorize
+        self.limits = limits
+        self.path = path
+        self._ssl_context = ssl_context
+        self._sessions: dict[str, list[Session]] = {}
+        self._changed = trio.Event()
+        #: Bound ``(host, port)`` pairs once :meth:`serve` has started.
+        self.addresses: list[tuple[str, int]] = []
+
+    # --- public -----------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port of the first listener (useful after binding port 0)."""
+        if not self.addresses:
+            raise RuntimeError("server is not listening yet")
+        return self.addresses[0][1]
+
+    def clients(self) -> list[str]:
+        """Client keys that have at least one session, in connection order."""
+        return list(self._sessions)
+
+    def sessions(self, client_key: str) -> list[Session]:
+        return list(self._sessions.get(client_key, ()))
+
+    def statistics(self) -> ServerStatistics:
+        sessions = [s for group in self._sessions.values() for s in group]
+        stats = [s.statistics() for s in sessions]
+        return ServerStatistics(
+            sessions=len(sessions),
+            clients=len(self._sessions),
+            streams=sum(s.streams for s in stats),
+            buffered_bytes=sum(s.buffered_bytes for s in stats),
+        )
+
+    async def wait_client(self, client_key: str) -> None:
+        """Wait until ``client_key`` has a session (returns at once if it has)."""
+        while client_key not in self._sessions:
+            await self._changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def dial(self, client_key: str, proto: str, address: str) -> TunnelStream:
+        """Open a connection to ``proto``/``address`` through ``client_key``'s agent.
+
+        Uses the client's oldest session. Raises :class:`NoSuchClientError` at
+        once when the client has none. As in remotedialer, the stream is
+        returned before the agent has dialled: a refusal or failure surfaces as
+        a :class:`~revdial.DialError` from its first receive or send.
+        """
+        await trio.lowlevel.checkpoint()
+        for session in self._sessions.get(client_key, ()):
+            if session.is_open:
+                return session.open_stream(proto, address)
+        raise NoSuchClientError(
+            f"no session for client {client_key!r}",
+            reason="no such client",
+            client_key=client_key,
+            target=f"{proto}/{address}",
+        )
+
+    async def serve(
+        self,
+        host: str | None,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` and serve agents until cancelled."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.addresses = [
+            cast("tuple[str, int]", tuple(lst.socket.getsockname()[:2])) for lst in listeners
+        ]
+        log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.addresses))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
+            task_status.started(self.addresses)
+
+    # --- internals --------------------------------------------------------
+
+    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
+        try:
+            peer = _fmt(*tcp.socket.getpeername()[:2])
+        except OSError:
+            peer = "?"
+        stream: trio.abc.Stream = tcp
+        if self._ssl_context is not None:
+            stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
+        transport = ActivityStream(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._handshake_and_serve(nursery, transport, peer)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            # One bad connection must never take the server down.
+            leaves = exception_leaves(exc)
+            benign = (trio.BrokenResourceError, trio.ClosedResourceError)
+            if all(isinstance(e, benign) for e in leaves):
+                log.info("connection from %s failed: %s", peer, leaves[0])
+            else:
+                log.exception("connection from %s: unexpected error", peer)
+        finally:
+            await trio.aclose_forcefully(transport)
+
+    async def _handshake_and_serve(
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+    ) -> None:
+        limits = self.limits
+        with trio.move_on_after(limits.handshake_timeout) as scope:
+            request = await wrap_server_stream(
+                nursery,
+                transport,
+                max_message_size=limits.max_message_size,
+                receive_buffer_size=limits.read_size,
+            )
+        if scope.cancelled_caught:
+            log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
+                     limits.handshake_timeout)
+            return
+        client_key = await self._check_request(request, peer)
+        if client_key is None:
+            return
+        ws = await request.accept()
+        session = Session(
+            ws,
+            transport,
+            Role.SERVER,
+            client_key=client_key,
+            limits=limits,
+            session_key=random.getrandbits(63),
+        )
+        self._register(session)
+        log.info("session %s: client %r connected from %s", session.id, client_key, peer)
+        try:
+            await session.run()
+        finally:
+            self._unregister(session)
+            log.info(
+                "session %s: client %r disconnected: %s",
+                session.id,
+                client_key,
+                session.end_reason or "closed",
+            )
+
+    async def _check_request(self, request: WebSocketRequest, peer: str) -> str | None:
+        path = request.path.partition("?")[0]
+        if path != self.path:
+            log.info("connection from %s: unknown path %s -> 404", peer, path[:100])
+            await request.reject(404, body=b"not found\n")
+            return None
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            k = name.decode("latin-1").lower()
+            v = value.decode("latin-1")
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        hreq = HandshakeRequest(path=request.path, headers=headers, remote=peer)
+        try:
+            result = self._authorize(hreq)
+            key = await result if inspect.isawaitable(result) else result
+        except ValueError as exc:
+            log.info("connection from %s: bad handshake: %s -> 400", peer, exc)
+            await request.reject(400, body=f"{exc}\n".encode())
+            return None
+        if not key:
+            log.info("connection from %s: authentication failed -> 401", peer)
+            await request.reject(401, body=b"failed authentication\n")
+            return None
+        if sum(len(g) for g in self._sessions.values()) >= self.limits.max_sessions:
+            log.warning("connection from %s: session limit reached -> 503", peer)
+            await request.reject(503, body=b"too many sessions\n")
+            return None
+        return str(key)
+
+    def _register(self, session: Session) -> None:
+        self._sessions.setdefault(session.client_key, []).append(session)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _unregister(self, session: Session) -> None:
+        group = self._sessions.get(session.client_key)
+        if group is not None and session in group:
+            group.remove(session)
+            if not group:
+                del self._sessions[session.client_key]
+        self._changed.set()
+        self._changed = trio.Event()
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@asynccontextmanager
+async def open_server(
+    authorize: Authorizer,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    path: str = "/connect",
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[Server]:
+    """Run a :class:`Server` for the duration of the ``async with`` block.
+
+    On exit every session is closed and every stream fails with
+    :class:`~revdial.SessionLostError`.
+    """
+    server = Server(authorize, limits=limits, path=path, ssl_context=ssl_context)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve, host, port)
+        try:
+            yield server
+        finally:
+            nursery.cancel_scope.cancel()

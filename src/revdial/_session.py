@@ -1,0 +1,409 @@
+"""The trio driver of one remotedialer session.
+
+A :class:`Session` owns a nursery with one reader (this task), one writer, a
+keepalive task (pings on the client side, the dead-peer watchdog on both) and,
+on the dialer side, one task per multiplexed stream. All protocol decisions
+are made by :class:`~revdial._state.SessionState`; this module only moves
+bytes and wakes tasks.
+
+Writes: every frame goes through one writer task, so a cancelled sender can
+never tear a frame. Urgent frames (Pause, Resume, Sync, replies) overtake
+queued Data; Connect and closing Error frames keep their place behind their
+stream's Data. Data is bounded by ``Limits.outbox_bytes``: senders wait.
+
+Reads never block on a stream: Data is appended to the stream's buffer and
+flow control (Pause/Resume, overrun) is the state's business.
+
+Keepalive: the client pings every ``ping_interval`` (a Go server drops a
+client that has not pinged for 60 s). Both sides declare the peer dead when
+no byte at all arrived for ``ping_timeout``; only the client pings, so only
+the server's reader ever has a pong to write, which cannot deadlock two
+writers blocked on each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ._errors import (
+    ProtocolError,
+    RevdialError,
+    SessionLostError,
+    StreamResetError,
+    TunnelError,
+)
+from ._limits import DEFAULT_LIMITS, Limits
+from ._state import (
+    Closed,
+    ConnectRequested,
+    DataReceived,
+    FlowChanged,
+    Overrun,
+    Reaped,
+    Role,
+    SessionState,
+)
+from ._stream import TunnelStream
+
+__all__ = ["ActivityStream", "ConnectHandler", "Session", "SessionStatistics"]
+
+log = logging.getLogger("revdial")
+
+#: Called in a new task (in the session's nursery) for each Connect the peer
+#: sends. It must either call ``stream.session.dial_succeeded(stream)`` and
+#: use the stream, or close it with the failure text.
+ConnectHandler = Callable[[TunnelStream, str, str], Awaitable[None]]
+
+_session_ids = itertools.count(1)
+
+
+class ActivityStream(trio.abc.Stream):
+    """Wraps the transport and records when it last received anything."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.last_receive = trio.current_time()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.last_receive = trio.current_time()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStatistics:
+    streams: int
+    buffered_bytes: int
+    outbox_bytes: int
+    outbox_frames: int
+
+
+class Session:
+    """One WebSocket carrying many streams. Create it, then ``await run()``."""
+
+    def __init__(
+        self,
+        ws: WebSocketConnection,
+        transport: ActivityStream,
+        role: Role,
+        *,
+        client_key: str,
+        limits: Limits = DEFAULT_LIMITS,
+        on_connect: ConnectHandler | None = None,
+        session_key: int = 0,
+    ) -> None:
+        self.ws = ws
+        self._transport = transport
+        self.role = role
+        self.limits = limits
+        #: The client key this session serves (server side) / "client" (agent).
+        self.client_key = client_key
+        self.id = next(_session_ids)
+        self.state = SessionState(
+            role,
+            limits,
+            client_key="client" if role is Role.CLIENT else client_key,
+            session_key=session_key,
+        )
+        self._on_connect = on_connect
+        self._streams: dict[int, TunnelStream] = {}
+        self._urgent: deque[bytes] = deque()
+        self._fifo: deque[bytes | tuple[bytes, int]] = deque()
+        self._fifo_data_bytes = 0
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        self._space_lot = trio.lowlevel.ParkingLot()
+        self._nursery: trio.Nursery | None = None
+        self._ended = False
+        self.end_reason: BaseException | None = None
+        self.ended = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.role.value} {self.client_key!r}>"
+
+    # --- public -----------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return not self._ended
+
+    def statistics(self) -> SessionStatistics:
+        return SessionStatistics(
+            streams=len(self.state.conns),
+            buffered_bytes=self.state.buffered_total,
+            outbox_bytes=self._fifo_data_bytes,
+            outbox_frames=len(self._fifo) + len(self._urgent),
+        )
+
+    def open_stream(self, proto: str, address: str) -> TunnelStream:
+        """Open a connection to ``proto/address`` on the peer (base protocol).
+
+        Returns at once: as in remotedialer, a failed dial surfaces as a
+        :class:`~revdial.DialError` from the stream's first receive or send.
+        """
+        if self._ended:
+            raise SessionLostError(f"session {self.id} to {self.client_key!r} has ended")
+        if len(self.state.conns) >= self.limits.max_streams:
+            raise TunnelError(f"stream limit of the session reached ({self.limits.max_streams})")
+        conn_id = self.state.open(proto, address, trio.current_time())
+        stream = TunnelStream(self, conn_id, f"{proto}/{address}", opened_by_us=True)
+        self._streams[conn_id] = stream
+        self._flush_state()
+        return stream
+
+    def dial_succeeded(self, stream: TunnelStream) -> None:
+        self.state.dial_succeeded(stream.conn_id)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve the session until the peer goes away, then clean up.
+
+        Returns normally when the WebSocket ends or the peer breaks the
+        protocol (the reason is in :attr:`end_reason` and logged); every
+        stream then fails with :class:`~revdial.SessionLostError`. On
+        cancellation the tables are cleaned up the same way.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._watchdog)
+                if self.role is Role.CLIENT:
+                    nursery.start_soon(self._pinger)
+                    nursery.start_soon(self._syncer)
+                task_status.started()
+                try:
+                    await self._reader()
+                finally:
+                    self._teardown()
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._teardown()
+            if trio.current_effective_deadline() == -math.inf:
+                # We are being cancelled (shutdown): trio-websocket's reader is
+                # being cancelled too, so no close handshake can complete.
+                await trio.aclose_forcefully(self._transport)
+            else:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.limits.close_timeout):
+                    await self.ws.aclose()
+            self.ended.set()
+
+    # --- internals: stream hooks ------------------------------------------
+
+    def _consumed(self, conn_id: int, nbytes: int) -> None:
+        self.state.consumed(conn_id, nbytes)
+        if self.state.has_pending:
+            self._flush_state()
+
+    def _close_stream(self, conn_id: int, error: str | None) -> None:
+        self._streams.pop(conn_id, None)
+        if not self._ended and self.state.close(conn_id, error):
+            self._flush_state()
+
+    async def _send_data(self, conn_id: int, chunk: memoryview) -> None:
+        while self._fifo_data_bytes >= self.limits.outbox_bytes:
+            if self._ended:
+                break
+            await self._space_lot.park()
+        if self._ended:
+            raise SessionLostError(f"session {self.id} to {self.client_key!r} has ended")
+        frame = b"".join((self.state.data_header(conn_id), chunk))
+        n = len(chunk)
+        self._fifo.append((frame, n))
+        self._fifo_data_bytes += n
+        self._writer_lot.unpark()
+
+    def _flush_state(self) -> None:
+        state = self.state
+        urgent = state.take_urgent()
+        if urgent:
+            self._urgent.extend(urgent)
+            if len(self._urgent) > self.limits.max_control_frames:
+                # The peer provokes replies but does not read them.
+                self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
+        ordered = state.take_ordered()
+        if ordered:
+            self._fifo.extend(ordered)
+        self._writer_lot.unpark()
+
+    def _abort(self, reason: RevdialError) -> None:
+        """End the session from any task: record why, cancel its nursery."""
+        if self.end_reason is None:
+            self.end_reason = reason
+            log.warning("session %s (%s): %s", self.id, self.client_key, reason)
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    # --- internals: tasks -------------------------------------------------
+
+    async def _reader(self) -> None:
+        ws = self.ws
+        state = self.state
+        streams = self._streams
+        try:
+            while True:
+                try:
+                    message = await ws.get_message()
+                except ConnectionClosed as exc:
+                    reason = exc.reason
+                    self.end_reason = SessionLostError(
+                        f"WebSocket closed ({reason.code} {reason.name})"
+                        if reason is not None
+                        else "WebSocket closed"
+                    )
+                    return
+                if isinstance(message, str):
+                    raise ProtocolError("received a text WebSocket message")
+                event = state.receive(message, trio.current_time())
+                if event is not None:
+                    if type(event) is DataReceived:
+                        stream = streams.get(event.conn_id)
+                        if stream is not None:
+                            stream._feed(event.data)
+                    else:
+                        self._dispatch(event)
+                if state.has_pending:
+                    self._flush_state()
+        except ProtocolError as exc:
+            self._abort(exc)
+
+    def _dispatch(self, event: Any) -> None:
+        streams = self._streams
+        if isinstance(event, FlowChanged):
+            stream = streams.get(event.conn_id)
+            if stream is not None:
+                stream._set_peer_paused(event.paused)
+        elif isinstance(event, Closed):
+            stream = streams.pop(event.conn_id, None)
+            if stream is not None:
+                stream._peer_closed(event.error, event.received_data)
+        elif isinstance(event, ConnectRequested):
+            self._accept_connect(event)
+        elif isinstance(event, Overrun):
+            stream = streams.pop(event.conn_id, None)
+            log.warning(
+                "session %s (%s): stream %s overran its receive buffer; reset",
+                self.id,
+                self.client_key,
+                event.conn_id,
+            )
+            if stream is not None:
+                stream._fail(
+                    StreamResetError("peer ignored Pause and overran the receive buffer"),
+                    drop_buffer=True,
+                )
+        elif isinstance(event, Reaped):
+            for conn_id in event.conn_ids:
+                stream = streams.pop(conn_id, None)
+                if stream is not None:
+                    stream._fail(
+                        StreamResetError("stream unknown to the peer (SyncConnections)"),
+                        drop_buffer=False,
+                    )
+
+    def _accept_connect(self, event: ConnectRequested) -> None:
+        target = f"{event.proto}/{event.address}"
+        if self._on_connect is None or self._nursery is None:
+            log.warning(
+                "session %s (%s): refused Connect %s from the peer: this side does not dial",
+                self.id,
+                self.client_key,
+                target,
+            )
+            self.state.close(event.conn_id, "revdial: this side does not accept Connect")
+            return
+        stream = TunnelStream(self, event.conn_id, target, opened_by_us=False)
+        self._streams[event.conn_id] = stream
+        self._nursery.start_soon(self._run_handler, self._on_connect, stream, event)
+
+    async def _run_handler(
+        self, handler: ConnectHandler, stream: TunnelStream, event: ConnectRequested
+    ) -> None:
+        try:
+            await handler(stream, event.proto, event.address)
+        except TunnelError as exc:
+            log.debug("session %s: stream %s ended: %s", self.id, stream.target, exc)
+        finally:
+            stream.close_nowait()
+
+    async def _writer(self) -> None:
+        urgent = self._urgent
+        fifo = self._fifo
+        send = self.ws.send_message
+        try:
+            while True:
+                if urgent:
+                    await send(urgent.popleft())
+                elif fifo:
+                    item = fifo.popleft()
+                    if type(item) is tuple:
+                        frame, n = item
+                        self._fifo_data_bytes -= n
+                        self._space_lot.unpark_all()
+                        await send(frame)
+                    else:
+                        await send(item)  # type: ignore[arg-type]
+                else:
+                    await self._writer_lot.park()
+        except ConnectionClosed:
+            # The reader sees the same closure and ends the session.
+            self._space_lot.unpark_all()
+
+    async def _pinger(self) -> None:
+        limits = self.limits
+        for n in itertools.count():
+            with trio.move_on_after(limits.ping_interval):
+                try:
+                    await self.ws.ping(n.to_bytes(8, "big"))
+                except ConnectionClosed:
+                    return
+                await trio.sleep_forever()  # keep the interval even if the pong is early
+
+    async def _watchdog(self) -> None:
+        timeout = self.limits.ping_timeout
+        transport = self._transport
+        while True:
+            deadline = transport.last_receive + timeout
+            if trio.current_time() >= deadline:
+                break
+            await trio.sleep_until(deadline)
+        self._abort(SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)"))
+
+    async def _syncer(self) -> None:
+        while True:
+            await trio.sleep(self.limits.sync_interval)
+            self.state.queue_sync()
+            self._flush_state()
+
+    def _teardown(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        reason = self.end_reason
+        text = str(reason) if reason is not None else "session closed"
+        self.state.close_all()
+        streams = list(self._streams.values())
+        self._streams.clear()
+        for stream in streams:
+            stream._fail(SessionLostError(f"session lost: {text}"), drop_buffer=False)
+        self._urgent.clear()
+        self._fifo.clear()
+        self._fifo_data_bytes = 0
+        self._space_lot.unpark_all()
+        self._writer_lot.unpark_all()

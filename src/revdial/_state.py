@@ -1,0 +1,360 @@
+"""Session bookkeeping for one remotedialer WebSocket (sans-I/O).
+
+Theory of operation
+-------------------
+A :class:`SessionState` is the whole protocol state of one session: the table
+of multiplexed connections, their flow-control accounting and the control
+frames that must be sent. It does no I/O and reads no clock: the driver
+(``_session.py``) feeds it every received WebSocket message with
+:meth:`SessionState.receive` (plus the current time, for SyncConnections),
+gets back at most one :class:`Event`, and sends whatever
+:meth:`take_urgent` and :meth:`take_ordered` return. Tables are always mutated here,
+synchronously, before the driver does any I/O (bookkeeping before I/O).
+
+Connection life cycle (one table; either side may open)::
+
+    opener:  open() ---------------------------> OPEN
+    dialer:  Connect received ----> DIALING --dial_succeeded()--> OPEN
+    any:     close() / Error received / reaped by Sync / overrun --> removed
+
+Outgoing frames wait in two queues: *urgent* ones (Pause, Resume,
+SyncConnections, replies to unknown ids) may overtake queued Data; *ordered*
+ones (Connect, a closing Error) must keep their place relative to the
+stream's Data, so the driver appends them to its Data queue at once.
+
+A removed id is gone for good: late Data for it is answered with Go's
+``connection not found`` Error, late Error/Pause/Resume are ignored, exactly
+as a Go peer does (PROTOCOL.md 3.4, 3.5). Ids we open are never reused.
+
+Flow control (receive side): every Data payload is counted against its stream
+until the application consumes it (:meth:`consumed`). Above
+``stream_high_water`` -- or while the whole session holds more than
+``session_high_water`` -- the stream gets one Pause; once its reader drains it
+below ``stream_low_water`` it gets one Resume. A peer that keeps sending past
+``stream_max_buffer`` (or pushes the session past ``session_max_buffer``)
+has ignored Pause: that stream alone is reset (:class:`Overrun`). The reader
+never waits on a stream, so one slow reader cannot stall the others.
+
+Flow control (send side): a received Pause sets ``peer_paused`` and a Resume
+clears it (Go's flag semantics, PROTOCOL.md 3.6); the driver's writers wait
+while it is set. Our two directions are independent: pausing the peer never
+stops our own writes (unlike Go's conflated flag, quirk 6.7).
+
+Deviations from Go, all permitted by PROTOCOL.md section 7 (MAY):
+no Error echo, no duplicate ``EOF`` (MAY 3); a refused Connect is answered
+with an Error for that id only, never a session teardown (MAY 8); fresh ids
+are spared by SyncConnections for ``sync_grace`` seconds (MAY 5); message ids
+are a per-session counter from 1 (MAY 1).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from ._errors import ProtocolError
+from ._frames import (
+    Frame,
+    MessageType,
+    data_header,
+    decode,
+    encode,
+    encode_sync,
+    parse_connect,
+    parse_error_text,
+    parse_sync,
+)
+from ._limits import DEFAULT_LIMITS, Limits
+
+__all__ = [
+    "Closed",
+    "Conn",
+    "ConnectRequested",
+    "DataReceived",
+    "Event",
+    "FlowChanged",
+    "Overrun",
+    "Reaped",
+    "Role",
+    "SessionState",
+    "OVERRUN_TEXT",
+]
+
+_INT64_MAX = (1 << 63) - 1
+#: Ids opened by a client (agent) start here, far beyond any Go server id (MAY 9).
+CLIENT_FIRST_CONN_ID = 1 << 62
+OVERRUN_TEXT = "revdial: receive buffer overrun (peer ignored Pause)"
+
+
+class Role(enum.Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class ConnPhase(enum.Enum):
+    DIALING = "dialing"  # we are the dialer; our local dial is in progress
+    OPEN = "open"
+
+
+@dataclass(slots=True)
+class Conn:
+    conn_id: int
+    opened_by_us: bool
+    target: str
+    created_at: float
+    phase: ConnPhase = ConnPhase.OPEN
+    buffered: int = 0
+    pause_sent: bool = False
+    peer_paused: bool = False
+    received_data: bool = False
+
+
+# --- events: what a received frame means to the driver ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DataReceived:
+    conn_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequested:
+    conn_id: int
+    proto: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The peer closed ``conn_id``; ``error`` is None for an orderly ``EOF``."""
+
+    conn_id: int
+    error: str | None
+    received_data: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FlowChanged:
+    conn_id: int
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Overrun:
+    """``conn_id`` ignored Pause; it was removed and an Error was queued."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reaped:
+    """SyncConnections from the peer did not list these ids; they were removed."""
+
+    conn_ids: tuple[int, ...]
+
+
+Event = DataReceived | ConnectRequested | Closed | FlowChanged | Overrun | Reaped
+
+
+@dataclass(slots=True)
+class SessionState:
+    role: Role
+    limits: Limits = DEFAULT_LIMITS
+    #: How this session names itself in ``connection not found`` replies
+    #: (Go: a client session says ``client/0``).
+    client_key: str = "client"
+    session_key: int = 0
+    conns: dict[int, Conn] = field(default_factory=dict)
+    buffered_total: int = 0
+    _next_msg_id: int = 1
+    _next_conn_id: int = 0
+    #: Frames that may overtake queued Data (Pause, Resume, Sync, replies to
+    #: unknown ids) and frames that must keep their place after a stream's
+    #: Data (Connect before it, the closing Error after it).
+    _urgent: deque[bytes] = field(default_factory=deque)
+    _ordered: deque[bytes] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        # Go server sessions pre-increment from 1 (first id 2); see PROTOCOL 3.1.
+        self._next_conn_id = 2 if self.role is Role.SERVER else CLIENT_FIRST_CONN_ID
+
+    # --- outgoing ---------------------------------------------------------
+
+    def _msg_id(self) -> int:
+        mid = self._next_msg_id
+        self._next_msg_id = mid + 1 if mid < _INT64_MAX else -(1 << 63)
+        return mid
+
+    def _queue(
+        self, conn_id: int, mtype: MessageType, payload: bytes = b"", *, urgent: bool = False
+    ) -> None:
+        frame = encode(Frame(self._msg_id(), conn_id, mtype, payload))
+        (self._urgent if urgent else self._ordered).append(frame)
+
+    def take_urgent(self) -> list[bytes]:
+        """Frames that may be sent before any queued Data; the queue is emptied."""
+        frames = list(self._urgent)
+        self._urgent.clear()
+        return frames
+
+    def take_ordered(self) -> list[bytes]:
+        """Connect/Error frames, to be queued behind Data already queued."""
+        frames = list(self._ordered)
+        self._ordered.clear()
+        return frames
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._urgent or self._ordered)
+
+    def data_header(self, conn_id: int) -> bytes:
+        """Header for one outgoing Data frame on ``conn_id`` (payload follows)."""
+        return data_header(self._msg_id(), conn_id)
+
+    def open(self, proto: str, address: str, now: float) -> int:
+        """Allocate an id, register it and queue its Connect. Returns the id."""
+        if len(self.conns) >= self.limits.max_streams:
+            raise ProtocolError(f"stream limit reached ({self.limits.max_streams})")
+        conn_id = self._next_conn_id
+        self._next_conn_id += 1
+        target = f"{proto}/{address}"
+        self.conns[conn_id] = Conn(conn_id, True, target, now)
+        self._queue(conn_id, MessageType.CONNECT, target.encode())
+        return conn_id
+
+    def dial_succeeded(self, conn_id: int) -> None:
+        conn = self.conns.get(conn_id)
+        if conn is not None:
+            conn.phase = ConnPhase.OPEN
+
+    def close(self, conn_id: int, error: str | None = None) -> bool:
+        """Close ``conn_id`` on our initiative: remove it and queue its Error.
+
+        ``error`` None means an orderly close (``EOF``). Returns False if the id
+        was already gone (then nothing is sent).
+        """
+        conn = self._remove(conn_id)
+        if conn is None:
+            return False
+        self._queue(conn_id, MessageType.ERROR, b"EOF" if error is None else error.encode())
+        return True
+
+    def close_all(self) -> list[int]:
+        """Forget every connection (the session ended); returns their ids."""
+        ids = list(self.conns)
+        self.conns.clear()
+        self.buffered_total = 0
+        return ids
+
+    def consumed(self, conn_id: int, nbytes: int) -> None:
+        """The application read ``nbytes`` of ``conn_id``'s buffered data."""
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            return
+        conn.buffered -= nbytes
+        self.buffered_total -= nbytes
+        if conn.pause_sent and conn.buffered <= self.limits.stream_low_water:
+            conn.pause_sent = False
+            self._queue(conn_id, MessageType.RESUME, urgent=True)
+
+    def queue_sync(self) -> None:
+        """Queue a SyncConnections listing every id we hold (clients, every 60 s)."""
+        self._queue(0, MessageType.SYNC_CONNECTIONS, encode_sync(self.conns), urgent=True)
+
+    def _remove(self, conn_id: int) -> Conn | None:
+        conn = self.conns.pop(conn_id, None)
+        if conn is not None:
+            self.buffered_total -= conn.buffered
+        return conn
+
+    # --- incoming ---------------------------------------------------------
+
+    def receive(self, message: bytes, now: float) -> Event | None:
+        """Process one received binary WebSocket message.
+
+        Returns what it means for the driver, or None when nothing is to be
+        done. Raises :class:`ProtocolError` (a :class:`FrameError` for bad
+        bytes) when the session must end.
+        """
+        frame = decode(message)
+        t = frame.type
+        if t == MessageType.DATA:
+            return self._on_data(frame)
+        if t == MessageType.CONNECT:
+            return self._on_connect(frame, now)
+        if t == MessageType.ERROR:
+            conn = self._remove(frame.conn_id)
+            if conn is None:
+                return None  # never answer an Error for an unknown id
+            text = parse_error_text(frame.payload)
+            return Closed(frame.conn_id, None if text == "EOF" else text, conn.received_data)
+        if t == MessageType.PAUSE or t == MessageType.RESUME:  # noqa: PLR1714
+            conn = self.conns.get(frame.conn_id)
+            if conn is None:
+                return None
+            paused = t == MessageType.PAUSE
+            if conn.peer_paused == paused:
+                return None
+            conn.peer_paused = paused
+            return FlowChanged(frame.conn_id, paused)
+        if t == MessageType.SYNC_CONNECTIONS:
+            return self._on_sync(parse_sync(frame.payload), now)
+        # AddClient/RemoveClient were validated by decode(); peering is not
+        # supported, so they carry nothing for us. Unknown types: ignored.
+        return None
+
+    def _on_data(self, frame: Frame) -> Event | None:
+        conn = self.conns.get(frame.conn_id)
+        if conn is None:
+            self._queue(
+                frame.conn_id,
+                MessageType.ERROR,
+                f"connection not found {self.client_key}/{self.session_key}/"
+                f"{frame.conn_id}".encode(),
+                urgent=True,
+            )
+            return None
+        n = len(frame.payload)
+        if n == 0:
+            return None
+        conn.buffered += n
+        conn.received_data = True
+        total = self.buffered_total + n
+        self.buffered_total = total
+        lim = self.limits
+        if conn.buffered > lim.stream_max_buffer or total > lim.session_max_buffer:
+            self.close(frame.conn_id, OVERRUN_TEXT)
+            return Overrun(frame.conn_id)
+        if not conn.pause_sent and (
+            conn.buffered > lim.stream_high_water or total > lim.session_high_water
+        ):
+            conn.pause_sent = True
+            self._queue(frame.conn_id, MessageType.PAUSE, urgent=True)
+        return DataReceived(frame.conn_id, frame.payload)
+
+    def _on_connect(self, frame: Frame, now: float) -> Event | None:
+        proto, address = parse_connect(frame.payload)
+        conn_id = frame.conn_id
+        if conn_id in self.conns:
+            raise ProtocolError(f"Connect for connection id {conn_id}, which is already in use")
+        if len(self.conns) >= self.limits.max_streams:
+            self._queue(
+                conn_id,
+                MessageType.ERROR,
+                f"revdial: too many streams ({self.limits.max_streams})".encode(),
+            )
+            return None
+        self.conns[conn_id] = Conn(conn_id, False, f"{proto}/{address}", now, ConnPhase.DIALING)
+        return ConnectRequested(conn_id, proto, address)
+
+    def _on_sync(self, listed: list[int], now: float) -> Event | None:
+        keep = set(listed)
+        cutoff = now - self.limits.sync_grace
+        stale = tuple(
+            cid for cid, c in self.conns.items() if cid not in keep and c.created_at <= cutoff
+        )
+        for cid in stale:
+            self._remove(cid)  # Go closes these without sending an Error
+        return Reaped(stale) if stale else None

@@ -1,0 +1,222 @@
+"""TunnelStream: one multiplexed connection, as a ``trio.abc.Stream``."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from ._errors import (
+    DialError,
+    DialRefusedError,
+    DialSessionLostError,
+    DialTimeoutError,
+    DialUnreachableError,
+    SessionLostError,
+    StreamResetError,
+    TunnelError,
+)
+
+if TYPE_CHECKING:
+    from ._session import Session
+
+__all__ = ["TunnelStream", "classify_dial_error", "POLICY_REFUSAL_PREFIX"]
+
+#: Prefix of the Error text our agent sends when its allow policy refuses a dial.
+POLICY_REFUSAL_PREFIX = "revdial: dial not allowed"
+_TIMEOUT_MARKERS = ("i/o timeout", "timed out", "timeout")
+
+
+def classify_dial_error(reason: str, client_key: str, target: str) -> DialError:
+    """Turn an agent's Error text for a failed dial into a typed DialError."""
+    msg = f"dial {target} via client {client_key!r} failed: {reason}"
+    kw = {"reason": reason, "client_key": client_key, "target": target}
+    if reason.startswith(POLICY_REFUSAL_PREFIX) or reason == "connect not allowed":
+        return DialRefusedError(msg, **kw)
+    lowered = reason.lower()
+    if any(m in lowered for m in _TIMEOUT_MARKERS):
+        return DialTimeoutError(msg, **kw)
+    return DialUnreachableError(msg, **kw)
+
+
+class TunnelStream(trio.abc.Stream):
+    """A bidirectional byte stream carried by a remotedialer session.
+
+    The receive side is a byte-bounded buffer filled by the session's reader
+    (never blocking it); flow control is the session state's business. The
+    send side splits writes into Data frames of at most ``max_frame_size`` and
+    waits while the peer has paused the stream or the session's outbox is full.
+
+    Errors follow trio: :class:`trio.ClosedResourceError` after *you* closed
+    it, :class:`trio.BusyResourceError` for two concurrent receivers or
+    senders; everything the peer or network does is a
+    :class:`~revdial.TunnelError` (:class:`~revdial.DialError` for a dial that
+    failed, :class:`~revdial.StreamResetError`,
+    :class:`~revdial.SessionLostError`). After the peer's orderly close,
+    ``receive_some`` returns ``b""`` and ``send_all`` raises
+    :class:`trio.BrokenResourceError` (remotedialer has no half-close).
+    """
+
+    def __init__(self, session: Session, conn_id: int, target: str, *, opened_by_us: bool) -> None:
+        self._session = session
+        self.conn_id = conn_id
+        #: ``proto/address`` of the connection.
+        self.target = target
+        self._opened_by_us = opened_by_us
+        self._buffer: deque[bytes] = deque()
+        self._peer_eof = False
+        self._error: BaseException | None = None  # raised once the buffer is drained
+        self._closed = False  # by us
+        self._peer_paused = False
+        self._received = False
+        self._recv_lot = trio.lowlevel.ParkingLot()
+        self._send_lot = trio.lowlevel.ParkingLot()
+        self._receiving = False
+        self._sending = False
+
+    def __repr__(self) -> str:
+        return f"<TunnelStream {self.conn_id} {self.target}>"
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    # --- called by the session driver (synchronously) ---------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._buffer.append(data)
+        self._received = True
+        self._recv_lot.unpark_all()
+
+    def _set_peer_paused(self, paused: bool) -> None:
+        self._peer_paused = paused
+        if not paused:
+            self._send_lot.unpark_all()
+
+    def _peer_closed(self, error: str | None, received_data: bool) -> None:
+        """The peer sent Error for this stream (``None`` = orderly EOF)."""
+        if error is None:
+            self._peer_eof = True
+        elif self._opened_by_us and not received_data:
+            self._error = classify_dial_error(error, self._session.client_key, self.target)
+        else:
+            self._error = StreamResetError(
+                f"stream {self.target} reset by peer: {error}", reason=error
+            )
+        self._wake()
+
+    def _fail(self, exc: TunnelError, *, drop_buffer: bool) -> None:
+        """Fail the stream locally (session lost, overrun, reaped)."""
+        if self._error is None:
+            if isinstance(exc, SessionLostError) and self._opened_by_us and not self._received:
+                exc = DialSessionLostError(
+                    str(exc), client_key=self._session.client_key, target=self.target
+                )
+            self._error = exc
+        if drop_buffer:
+            self._buffer.clear()
+        self._wake()
+
+    def _wake(self) -> None:
+        self._recv_lot.unpark_all()
+        self._send_lot.unpark_all()
+
+    # --- trio.abc.Stream --------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return some received bytes, or ``b""`` after the peer's orderly close.
+
+        Blocks until data arrives. Cancellation is safe: no data is lost.
+        Raises a :class:`~revdial.TunnelError` once buffered data is drained
+        if the stream failed.
+        """
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is already receiving on this stream")
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while True:
+                if self._closed:
+                    raise trio.ClosedResourceError("stream was closed")
+                if self._buffer:
+                    break
+                if self._error is not None:
+                    raise self._error
+                if self._peer_eof:
+                    return b""
+                await self._recv_lot.park()
+            chunk = self._buffer[0]
+            if max_bytes is None or len(chunk) <= max_bytes:
+                self._buffer.popleft()
+            else:
+                self._buffer[0] = chunk[max_bytes:]
+                chunk = chunk[:max_bytes]
+            self._session._consumed(self.conn_id, len(chunk))
+            return chunk
+        finally:
+            self._receiving = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send all of ``data``, in frames of at most ``max_frame_size``.
+
+        Blocks while the peer has paused this stream (Pause) or the session's
+        outbox is full. On cancellation some, all or none of the data may have
+        been queued (trio's contract); frames are never torn.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
+            view = memoryview(data).cast("B")
+            total = len(view)
+            frame_size = self._session.limits.max_frame_size
+            offset = 0
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._check_writable()
+                if offset >= total:
+                    return
+                if self._peer_paused:
+                    await self._send_lot.park()
+                    continue
+                end = offset + frame_size
+                await self._session._send_data(self.conn_id, view[offset:end])
+                offset = end
+        finally:
+            self._sending = False
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._error is not None:
+            raise self._error
+        if self._peer_eof:
+            raise trio.BrokenResourceError(f"stream {self.target} was closed by the peer")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        await trio.lowlevel.checkpoint()
+        while self._peer_paused and not (self._closed or self._error or self._peer_eof):
+            await self._send_lot.park()
+
+    async def aclose(self) -> None:
+        """Close the stream: the peer gets an orderly ``EOF`` Error frame.
+
+        Idempotent; never blocks (the frame is queued behind this stream's
+        Data), so it closes even when cancelled.
+        """
+        self.close_nowait()
+        await trio.lowlevel.checkpoint()
+
+    def close_nowait(self, error: str | None = None) -> None:
+        """Close without waiting; ``error`` sends that text instead of ``EOF``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._buffer.clear()
+        self._session._close_stream(self.conn_id, error)
+        self._wake()
