@@ -5,7 +5,15 @@ then dials TCP (and unix-socket) connections back through it, many streams
 multiplexed on the one socket.
 """
 
-from ._agent import Agent, AllowPolicy, Dialer, connect, default_dialer, make_ssl_context
+from ._agent import (
+    Agent,
+    AllowPolicy,
+    Dialer,
+    connect,
+    default_dialer,
+    make_connect_handler,
+    make_ssl_context,
+)
 from ._errors import (
     DialError,
     DialRefusedError,
@@ -64,6 +72,7 @@ __all__ = [
     "TunnelStream",
     "connect",
     "default_dialer",
+    "make_connect_handler",
     "make_ssl_context",
     "open_server",
     "splice",

@@ -19,7 +19,7 @@ from trio_websocket import HandshakeError as WSHandshakeError
 
 from ._errors import HandshakeError, RevdialError, SessionLostError, exception_leaves
 from ._limits import DEFAULT_LIMITS, Limits
-from ._session import ActivityStream, Session
+from ._session import ActivityStream, ConnectHandler, Session
 from ._splice import splice
 from ._state import Role
 from ._stream import POLICY_REFUSAL_PREFIX, TunnelStream
@@ -30,6 +30,7 @@ __all__ = [
     "Dialer",
     "connect",
     "default_dialer",
+    "make_connect_handler",
     "make_ssl_context",
     "split_host_port",
 ]
@@ -230,12 +231,11 @@ class Agent:
         )
         self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-        self._allow = _as_policy(allow)
+        self._on_connect = make_connect_handler(allow, dialer, limits)
         self._ssl_context = ssl_context if ssl_context is not None else (
             ssl.create_default_context() if self._secure else None
         )
         self.limits = limits
-        self._dialer = dialer
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         #: The live session, if any.
@@ -312,7 +312,7 @@ class Agent:
                         Role.CLIENT,
                         client_key="client",
                         limits=limits,
-                        on_connect=self._handle_connect,
+                        on_connect=self._on_connect,
                     )
                 if session is None:
                     nursery.cancel_scope.cancel()
@@ -338,25 +338,39 @@ class Agent:
         if session.end_reason is not None:
             raise SessionLostError(f"session ended: {session.end_reason}")
 
-    async def _handle_connect(self, stream: TunnelStream, proto: str, address: str) -> None:
+
+def make_connect_handler(
+    allow: object = None, dialer: Dialer = default_dialer, limits: Limits = DEFAULT_LIMITS
+) -> ConnectHandler:
+    """The agent's answer to each Connect: check ``allow``, dial, then splice.
+
+    A refused or failed dial closes only that stream, with an Error text a Go
+    server shows its caller (``dial tcp ADDR: connect: connection refused``);
+    the session lives on.
+    """
+    policy = _as_policy(allow)
+
+    async def handle(stream: TunnelStream, proto: str, address: str) -> None:
         target = f"{proto}/{address}"
-        if not self._allow(proto, address):
+        if not policy(proto, address):
             log.warning("refused dial to %s: not allowed by the agent's policy", target)
             stream.close_nowait(f"{POLICY_REFUSAL_PREFIX}: {target}")
             return
         try:
-            with trio.fail_after(self.limits.dial_timeout):
-                local = await self._dialer(proto, address)
+            with trio.fail_after(limits.dial_timeout):
+                local = await dialer(proto, address)
         except trio.TooSlowError:
             reason = f"dial {proto} {address}: i/o timeout"
         except (OSError, ValueError) as exc:
             reason = f"dial {proto} {address}: {_describe_oserror(exc)}"
         else:
             stream.session.dial_succeeded(stream)
-            await splice(stream, local, read_size=self.limits.read_size)
+            await splice(stream, local, read_size=limits.read_size)
             return
         log.warning("dial to %s failed: %s", target, reason)
         stream.close_nowait(reason)
+
+    return handle
 
 
 async def connect(

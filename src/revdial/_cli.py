@@ -196,6 +196,9 @@ async def _serve_forward(server: Server, fwd: Forward, read_size: int,
             log.warning("forward %s: %s", fwd, exc)
         except TunnelError as exc:
             log.info("forward %s: connection ended: %s", fwd, exc)
+        except Exception:
+            # One connection's failure must never stop the forward.
+            log.exception("forward %s: unexpected error", fwd)
 
     listeners = await trio.open_tcp_listeners(fwd.listen_port, host=fwd.listen_host)
     log.info("forward %s", fwd)

@@ -226,14 +226,22 @@ def parse_client(payload: bytes) -> tuple[str, int]:
             f"invalid remote session {text!r}: not / separated",
             go_error=f"invalid remote Session {text}: not / separated",
         )
-    try:
-        session_key = int(session, 10)
-    except ValueError:
+    # Go's strconv.Atoi: optional sign, ASCII digits only, int64 range. (Python's
+    # int() would also take whitespace, '_' and non-ASCII digits, or any size.)
+    digits = session[1:] if session[:1] in ("+", "-") else session
+    if not (digits.isascii() and digits.isdigit()):
         raise FrameError(
             f"invalid remote session {text!r}: session key is not an integer",
             go_error=f'invalid remote Session {text}: strconv.Atoi: parsing "{session}": '
             "invalid syntax",
-        ) from None
+        )
+    session_key = int(session, 10)
+    if not _INT64_MIN <= session_key <= _INT64_MAX:
+        raise FrameError(
+            f"invalid remote session {text!r}: session key out of int64 range",
+            go_error=f'invalid remote Session {text}: strconv.Atoi: parsing "{session}": '
+            "value out of range",
+        )
     return key, session_key
 
 

@@ -42,6 +42,7 @@ from ._errors import (
     TunnelError,
 )
 from ._limits import DEFAULT_LIMITS, Limits
+from ._speedups import install_fast_masker
 from ._state import (
     Closed,
     ConnectRequested,
@@ -64,6 +65,8 @@ log = logging.getLogger("revdial")
 ConnectHandler = Callable[[TunnelStream, str, str], Awaitable[None]]
 
 _session_ids = itertools.count(1)
+
+install_fast_masker()
 
 
 class ActivityStream(trio.abc.Stream):
@@ -339,6 +342,10 @@ class Session:
             await handler(stream, event.proto, event.address)
         except TunnelError as exc:
             log.debug("session %s: stream %s ended: %s", self.id, stream.target, exc)
+        except Exception:
+            # A bug in one stream's handler must not end the whole session.
+            log.exception("session %s: handler for %s failed", self.id, stream.target)
+            stream.close_nowait("revdial: internal error")
         finally:
             stream.close_nowait()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import trio
 
+from ._errors import TunnelError
 from ._stream import TunnelStream
 
 __all__ = ["splice"]
@@ -15,36 +16,39 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
     remotedialer has no half-close: when either direction ends (EOF or
     error), the other is stopped too, as a Go peer does. Bytes the tunnel had
     already received are written to ``local`` before its EOF is honoured.
-    Errors of the tunnel side propagate (a :class:`~revdial.TunnelError`);
-    errors of the local socket end the splice quietly, closing the tunnel
-    stream with the error text so the peer learns why.
+
+    Raises the tunnel's :class:`~revdial.TunnelError` if the tunnel side
+    failed (one exception, never a group). A failure of the local socket ends
+    the splice quietly and closes the tunnel stream with the error text, so
+    the peer learns why.
     """
     local_error: str | None = None
+    tunnel_error: TunnelError | None = None
 
     async def tunnel_to_local() -> None:
-        nonlocal local_error
+        nonlocal local_error, tunnel_error
         try:
             while data := await tunnel.receive_some():
-                try:
-                    await local.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    local_error = f"write to local connection failed: {exc}"
-                    return
+                await local.send_all(data)
+        except TunnelError as exc:
+            tunnel_error = tunnel_error or exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            local_error = local_error or f"write to local connection failed: {exc}"
         finally:
             nursery.cancel_scope.cancel()
 
     async def local_to_tunnel() -> None:
-        nonlocal local_error
+        nonlocal local_error, tunnel_error
         try:
-            while True:
-                try:
-                    data = await local.receive_some(read_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    local_error = f"read from local connection failed: {exc}"
-                    return
-                if not data:
-                    return
+            while data := await local.receive_some(read_size):
                 await tunnel.send_all(data)
+        except TunnelError as exc:
+            tunnel_error = tunnel_error or exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The tunnel raises BrokenResourceError after the peer's orderly
+            # close; that is the end of the splice, not a local failure.
+            if not tunnel.peer_closed:
+                local_error = local_error or f"local connection failed: {exc}"
         finally:
             nursery.cancel_scope.cancel()
 
@@ -56,3 +60,5 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
         tunnel.close_nowait(local_error)
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(local)
+    if tunnel_error is not None:
+        raise tunnel_error

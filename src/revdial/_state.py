@@ -18,9 +18,11 @@ Connection life cycle (one table; either side may open)::
     any:     close() / Error received / reaped by Sync / overrun --> removed
 
 Outgoing frames wait in two queues: *urgent* ones (Pause, Resume,
-SyncConnections, replies to unknown ids) may overtake queued Data; *ordered*
-ones (Connect, a closing Error) must keep their place relative to the
-stream's Data, so the driver appends them to its Data queue at once.
+SyncConnections) may overtake queued Data; *ordered* ones (Connect, Error)
+must keep their place relative to the stream's Data, so the driver appends
+them to its Data queue at once. (A ``connection not found`` reply must not
+overtake the ``EOF`` Error that closed the id, or the peer would take it for
+the reason of the close.)
 
 A removed id is gone for good: late Data for it is answered with Go's
 ``connection not found`` Error, late Error/Pause/Resume are ignored, exactly
@@ -313,7 +315,6 @@ class SessionState:
                 MessageType.ERROR,
                 f"connection not found {self.client_key}/{self.session_key}/"
                 f"{frame.conn_id}".encode(),
-                urgent=True,
             )
             return None
         n = len(frame.payload)

@@ -26,6 +26,9 @@ __all__ = ["TunnelStream", "classify_dial_error", "POLICY_REFUSAL_PREFIX"]
 #: Prefix of the Error text our agent sends when its allow policy refuses a dial.
 POLICY_REFUSAL_PREFIX = "revdial: dial not allowed"
 _TIMEOUT_MARKERS = ("i/o timeout", "timed out", "timeout")
+#: A peer's reply to Data for an id it no longer knows: the stream was closed
+#: on that side, not refused.
+_NOT_FOUND_PREFIX = "connection not found"
 
 
 def classify_dial_error(reason: str, client_key: str, target: str) -> DialError:
@@ -82,6 +85,11 @@ class TunnelStream(trio.abc.Stream):
     def session(self) -> Session:
         return self._session
 
+    @property
+    def peer_closed(self) -> bool:
+        """True once the peer closed the stream (orderly or not)."""
+        return self._peer_eof or self._error is not None
+
     # --- called by the session driver (synchronously) ---------------------
 
     def _feed(self, data: bytes) -> None:
@@ -98,7 +106,11 @@ class TunnelStream(trio.abc.Stream):
         """The peer sent Error for this stream (``None`` = orderly EOF)."""
         if error is None:
             self._peer_eof = True
-        elif self._opened_by_us and not received_data:
+        elif (
+            self._opened_by_us
+            and not received_data
+            and not error.startswith(_NOT_FOUND_PREFIX)
+        ):
             self._error = classify_dial_error(error, self._session.client_key, self.target)
         else:
             self._error = StreamResetError(

@@ -1,0 +1,1 @@
+"""Benchmarks for revdial, run by hand: ``python -m benchmarks.<name>``."""
