@@ -19,7 +19,14 @@ from trio_websocket import HandshakeError as WSHandshakeError
 
 from ._errors import HandshakeError, RevdialError, SessionLostError, exception_leaves
 from ._limits import DEFAULT_LIMITS, Limits
-from ._session import ActivityStream, ConnectHandler, Session
+from ._session import (
+    EXTENSION_HEADER,
+    EXTENSION_VERSION,
+    ActivityStream,
+    ConnectHandler,
+    Session,
+    negotiate_extensions,
+)
 from ._splice import splice
 from ._state import Role
 from ._stream import POLICY_REFUSAL_PREFIX, TunnelStream
@@ -214,6 +221,7 @@ class Agent:
         dialer: Dialer = default_dialer,
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
+        extensions: bool = True,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -231,6 +239,11 @@ class Agent:
         )
         self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self._extension_version = EXTENSION_VERSION if extensions else 0
+        if self._extension_version:
+            self._headers.append(
+                (EXTENSION_HEADER.encode(), str(self._extension_version).encode())
+            )
         self._on_connect = make_connect_handler(allow, dialer, limits)
         self._ssl_context = ssl_context if ssl_context is not None else (
             ssl.create_default_context() if self._secure else None
@@ -306,6 +319,11 @@ class Agent:
                         max_message_size=limits.max_message_size,
                         receive_buffer_size=limits.read_size,
                     )
+                    answer = next(
+                        (v.decode("latin-1") for k, v in ws.handshake_headers
+                         if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
+                        None,
+                    )
                     session = Session(
                         ws,
                         transport,
@@ -313,12 +331,20 @@ class Agent:
                         client_key="client",
                         limits=limits,
                         on_connect=self._on_connect,
+                        extensions=negotiate_extensions(answer, self._extension_version),
                     )
                 if session is None:
                     nursery.cancel_scope.cancel()
                 else:
                     self.session = session
-                    log.info("session %s: connected to %s", session.id, self.url)
+                    log.info(
+                        "session %s: connected to %s (%s)",
+                        session.id,
+                        self.url,
+                        f"revdial extension v{session.extensions}"
+                        if session.extensions
+                        else "plain remotedialer",
+                    )
                     on_up()
                     try:
                         await session.run()
@@ -381,6 +407,7 @@ async def connect(
     ssl_context: ssl.SSLContext | None = None,
     limits: Limits = DEFAULT_LIMITS,
     dialer: Dialer = default_dialer,
+    extensions: bool = True,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run an agent for ``url`` forever (see :class:`Agent`).
@@ -389,6 +416,12 @@ async def connect(
     session is up.
     """
     agent = Agent(
-        url, headers=headers, allow=allow, ssl_context=ssl_context, limits=limits, dialer=dialer
+        url,
+        headers=headers,
+        allow=allow,
+        ssl_context=ssl_context,
+        limits=limits,
+        dialer=dialer,
+        extensions=extensions,
     )
     await agent.run(task_status=task_status)

@@ -14,12 +14,14 @@ a :class:`TunnelError`.
 from __future__ import annotations
 
 __all__ = [
+    "DialConnectionRefusedError",
     "DialError",
     "DialRefusedError",
     "DialSessionLostError",
     "DialTimeoutError",
     "DialUnreachableError",
     "FrameError",
+    "HalfCloseUnsupportedError",
     "HandshakeError",
     "NoSuchClientError",
     "ProtocolError",
@@ -109,6 +111,10 @@ class DialUnreachableError(DialError):
     """The agent tried and could not connect (refused, unreachable, DNS)."""
 
 
+class DialConnectionRefusedError(DialUnreachableError):
+    """The target host actively refused the connection (nothing listens)."""
+
+
 class DialTimeoutError(DialUnreachableError):
     """The agent's (or our) dial timeout expired before the target answered."""
 
@@ -119,6 +125,11 @@ class NoSuchClientError(DialError):
 
 class DialSessionLostError(DialError, SessionLostError):
     """The session ended before the dial produced any result."""
+
+
+class HalfCloseUnsupportedError(TunnelError):
+    """``send_eof()`` on a session without the revdial extension (a Go peer):
+    remotedialer cannot express half-close. Close the stream instead."""
 
 
 def exception_leaves(exc: BaseException) -> list[BaseException]:

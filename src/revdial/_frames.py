@@ -34,6 +34,7 @@ __all__ = [
     "ERROR_READ_LIMIT",
     "LEGACY_DEADLINE",
     "Frame",
+    "ExtType",
     "MessageType",
     "decode",
     "decode_varint",
@@ -74,6 +75,18 @@ class MessageType(enum.IntEnum):
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
+
+
+class ExtType(enum.IntEnum):
+    """revdial protocol extension v1 (sent only when both sides negotiated it).
+
+    Numbers far from Go's 1..8, which a Go peer would ignore anyway.
+    """
+
+    #: dialer -> opener: the target accepted the connection (confirmed dial).
+    CONNECT_OK = 64
+    #: either way: the sender will send no more Data on this connection.
+    HALF_CLOSE = 65
 
 
 def encode_varint(value: int) -> bytes:

@@ -65,6 +65,12 @@ class Limits:
     sync_grace: float = 10.0
     #: Agent-side dial timeout (Go: 60 s).
     dial_timeout: float = 30.0
+    #: Server side: how long ``dial()`` waits for the agent's answer. With the
+    #: revdial extension that is the confirmation; with a Go agent it bounds
+    #: the wait for the first byte or error of the stream. A little above
+    #: ``dial_timeout`` so the agent's own, more specific, error arrives first.
+    #: ``0`` disables it.
+    connect_timeout: float = 35.0
     #: WebSocket opening handshake timeout (Go: 10 s client, 5 s server).
     handshake_timeout: float = 10.0
     #: Graceful part of closing a session before it is closed forcefully.

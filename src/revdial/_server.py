@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
+import math
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -17,7 +18,13 @@ from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from ._errors import NoSuchClientError, exception_leaves
 from ._limits import DEFAULT_LIMITS, Limits
-from ._session import ActivityStream, Session
+from ._session import (
+    EXTENSION_HEADER,
+    EXTENSION_VERSION,
+    ActivityStream,
+    Session,
+    negotiate_extensions,
+)
 from ._state import Role
 from ._stream import TunnelStream
 
@@ -102,8 +109,10 @@ class Server:
         limits: Limits = DEFAULT_LIMITS,
         path: str = "/connect",
         ssl_context: ssl.SSLContext | None = None,
+        extensions: bool = True,
     ) -> None:
         self._authorize = authorize
+        self._extension_version = EXTENSION_VERSION if extensions else 0
         self.limits = limits
         self.path = path
         self._ssl_context = ssl_context
@@ -144,24 +153,59 @@ class Server:
             await self._changed.wait()
         await trio.lowlevel.checkpoint()
 
-    async def dial(self, client_key: str, proto: str, address: str) -> TunnelStream:
+    async def dial(
+        self,
+        client_key: str,
+        proto: str,
+        address: str,
+        *,
+        connect_timeout: float | None = None,
+    ) -> TunnelStream:
         """Open a connection to ``proto``/``address`` through ``client_key``'s agent.
 
-        Uses the client's oldest session. Raises :class:`NoSuchClientError` at
-        once when the client has none. As in remotedialer, the stream is
-        returned before the agent has dialled: a refusal or failure surfaces as
-        a :class:`~revdial.DialError` from its first receive or send.
+        Uses the client's oldest session; raises :class:`NoSuchClientError` at
+        once when the client has none.
+
+        With a revdial agent (extension v1) this returns only once the agent's
+        own connect succeeded, and otherwise raises the typed
+        :class:`~revdial.DialError`: :class:`~revdial.DialRefusedError`,
+        :class:`~revdial.DialConnectionRefusedError`,
+        :class:`~revdial.DialUnreachableError`,
+        :class:`~revdial.DialTimeoutError` or
+        :class:`~revdial.DialSessionLostError`. With a plain remotedialer agent
+        (Go) the stream is returned at once, and a failure surfaces from its
+        first receive or send; there ``connect_timeout`` bounds the wait for
+        the first byte or error instead.
+
+        ``connect_timeout`` defaults to ``Limits.connect_timeout``; 0 disables it.
+        Cancellation leaves no entry in the session's tables.
         """
         await trio.lowlevel.checkpoint()
+        timeout = self.limits.connect_timeout if connect_timeout is None else connect_timeout
         for session in self._sessions.get(client_key, ()):
             if session.is_open:
-                return session.open_stream(proto, address)
-        raise NoSuchClientError(
-            f"no session for client {client_key!r}",
-            reason="no such client",
-            client_key=client_key,
-            target=f"{proto}/{address}",
-        )
+                stream = session.open_stream(proto, address)
+                break
+        else:
+            raise NoSuchClientError(
+                f"no session for client {client_key!r}",
+                reason="no such client",
+                client_key=client_key,
+                target=f"{proto}/{address}",
+            )
+        if session.extensions < 1:
+            if timeout > 0:
+                stream._first_byte_deadline = trio.current_time() + timeout
+            return stream
+        try:
+            with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:
+                await stream.wait_dialed()
+        except BaseException:
+            stream.close_nowait()
+            raise
+        if scope.cancelled_caught:
+            raise stream.fail_dial_timeout()
+        return stream
 
     async def serve(
         self,
@@ -224,7 +268,14 @@ class Server:
         client_key = await self._check_request(request, peer)
         if client_key is None:
             return
-        ws = await request.accept()
+        offer = next(
+            (v.decode("latin-1") for k, v in request.headers
+             if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
+            None,
+        )
+        version = negotiate_extensions(offer, self._extension_version)
+        answer = [(EXTENSION_HEADER.encode(), str(version).encode())] if version else []
+        ws = await request.accept(extra_headers=answer)
         session = Session(
             ws,
             transport,
@@ -232,9 +283,16 @@ class Server:
             client_key=client_key,
             limits=limits,
             session_key=random.getrandbits(63),
+            extensions=version,
         )
         self._register(session)
-        log.info("session %s: client %r connected from %s", session.id, client_key, peer)
+        log.info(
+            "session %s: client %r connected from %s (%s)",
+            session.id,
+            client_key,
+            peer,
+            f"revdial extension v{version}" if version else "plain remotedialer",
+        )
         try:
             await session.run()
         finally:
@@ -303,13 +361,16 @@ async def open_server(
     limits: Limits = DEFAULT_LIMITS,
     path: str = "/connect",
     ssl_context: ssl.SSLContext | None = None,
+    extensions: bool = True,
 ) -> AsyncIterator[Server]:
     """Run a :class:`Server` for the duration of the ``async with`` block.
 
     On exit every session is closed and every stream fails with
     :class:`~revdial.SessionLostError`.
     """
-    server = Server(authorize, limits=limits, path=path, ssl_context=ssl_context)
+    server = Server(
+        authorize, limits=limits, path=path, ssl_context=ssl_context, extensions=extensions
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
         try:

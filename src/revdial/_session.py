@@ -47,15 +47,26 @@ from ._state import (
     Closed,
     ConnectRequested,
     DataReceived,
+    DialConfirmed,
     FlowChanged,
     Overrun,
+    PeerHalfClosed,
     Reaped,
+    Reset,
     Role,
     SessionState,
 )
 from ._stream import TunnelStream
 
-__all__ = ["ActivityStream", "ConnectHandler", "Session", "SessionStatistics"]
+__all__ = [
+    "EXTENSION_HEADER",
+    "EXTENSION_VERSION",
+    "ActivityStream",
+    "ConnectHandler",
+    "Session",
+    "SessionStatistics",
+    "negotiate_extensions",
+]
 
 log = logging.getLogger("revdial")
 
@@ -65,6 +76,25 @@ log = logging.getLogger("revdial")
 ConnectHandler = Callable[[TunnelStream, str, str], Awaitable[None]]
 
 _session_ids = itertools.count(1)
+
+#: Handshake header carrying the revdial extension version: the agent offers
+#: the highest it speaks, the server answers the version both use. A peer
+#: that does not answer (a Go server) or does not offer (a Go agent) gets the
+#: plain remotedialer protocol.
+EXTENSION_HEADER = "X-Revdial-Version"
+#: Version 1: confirmed dial (CONNECT_OK) and half-close (HALF_CLOSE).
+EXTENSION_VERSION = 1
+
+
+def negotiate_extensions(offer: str | None, supported: int = EXTENSION_VERSION) -> int:
+    """The extension version to use given the peer's header value (0 = none)."""
+    if not offer:
+        return 0
+    try:
+        version = int(offer.strip())
+    except ValueError:
+        return 0
+    return max(0, min(version, supported))
 
 install_fast_masker()
 
@@ -112,6 +142,7 @@ class Session:
         limits: Limits = DEFAULT_LIMITS,
         on_connect: ConnectHandler | None = None,
         session_key: int = 0,
+        extensions: int = 0,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -125,6 +156,7 @@ class Session:
             limits,
             client_key="client" if role is Role.CLIENT else client_key,
             session_key=session_key,
+            extensions=extensions,
         )
         self._on_connect = on_connect
         self._streams: dict[int, TunnelStream] = {}
@@ -146,6 +178,11 @@ class Session:
     @property
     def is_open(self) -> bool:
         return not self._ended
+
+    @property
+    def extensions(self) -> int:
+        """The negotiated revdial extension version (0: plain remotedialer)."""
+        return self.state.extensions
 
     def statistics(self) -> SessionStatistics:
         return SessionStatistics(
@@ -172,7 +209,9 @@ class Session:
         return stream
 
     def dial_succeeded(self, stream: TunnelStream) -> None:
+        """The agent's connect for ``stream`` worked (confirms it to a v1 peer)."""
         self.state.dial_succeeded(stream.conn_id)
+        self._flush_state()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the session until the peer goes away, then clean up.
@@ -213,6 +252,14 @@ class Session:
         self.state.consumed(conn_id, nbytes)
         if self.state.has_pending:
             self._flush_state()
+
+    def _send_eof(self, conn_id: int) -> None:
+        if self._ended:
+            return
+        self.state.send_eof(conn_id)
+        if conn_id not in self.state.conns:  # both directions done: retired
+            self._streams.pop(conn_id, None)
+        self._flush_state()
 
     def _close_stream(self, conn_id: int, error: str | None) -> None:
         self._streams.pop(conn_id, None)
@@ -298,6 +345,27 @@ class Session:
                 stream._peer_closed(event.error, event.received_data)
         elif isinstance(event, ConnectRequested):
             self._accept_connect(event)
+        elif isinstance(event, DialConfirmed):
+            stream = streams.get(event.conn_id)
+            if stream is not None:
+                stream._dial_confirmed()
+        elif isinstance(event, PeerHalfClosed):
+            stream = streams.pop(event.conn_id, None) if event.retired else streams.get(
+                event.conn_id
+            )
+            if stream is not None:
+                stream._peer_half_closed()
+        elif isinstance(event, Reset):
+            stream = streams.pop(event.conn_id, None)
+            log.warning(
+                "session %s (%s): stream %s reset: %s",
+                self.id,
+                self.client_key,
+                event.conn_id,
+                event.reason,
+            )
+            if stream is not None:
+                stream._fail(StreamResetError(event.reason, reason=event.reason), drop_buffer=True)
         elif isinstance(event, Overrun):
             stream = streams.pop(event.conn_id, None)
             log.warning(

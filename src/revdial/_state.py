@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 
 from ._errors import ProtocolError
 from ._frames import (
+    ExtType,
     Frame,
     MessageType,
     data_header,
@@ -77,7 +78,10 @@ __all__ = [
     "Event",
     "FlowChanged",
     "Overrun",
+    "DialConfirmed",
+    "PeerHalfClosed",
     "Reaped",
+    "Reset",
     "Role",
     "SessionState",
     "OVERRUN_TEXT",
@@ -110,6 +114,10 @@ class Conn:
     pause_sent: bool = False
     peer_paused: bool = False
     received_data: bool = False
+    #: extension v1: we sent / received HALF_CLOSE; both -> the id is retired.
+    eof_sent: bool = False
+    eof_received: bool = False
+    confirmed: bool = False
 
 
 # --- events: what a received frame means to the driver ---------------------
@@ -151,13 +159,49 @@ class Overrun:
 
 
 @dataclass(frozen=True, slots=True)
+class Reset:
+    """``conn_id`` broke the protocol; it was removed and an Error was queued."""
+
+    conn_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DialConfirmed:
+    """Extension v1: the peer's dial for ``conn_id`` (opened by us) succeeded."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHalfClosed:
+    """Extension v1: the peer will send no more Data on ``conn_id``.
+
+    ``retired`` is True when we had half-closed too: the id is gone.
+    """
+
+    conn_id: int
+    retired: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Reaped:
     """SyncConnections from the peer did not list these ids; they were removed."""
 
     conn_ids: tuple[int, ...]
 
 
-Event = DataReceived | ConnectRequested | Closed | FlowChanged | Overrun | Reaped
+Event = (
+    DataReceived
+    | ConnectRequested
+    | Closed
+    | FlowChanged
+    | Overrun
+    | Reset
+    | DialConfirmed
+    | PeerHalfClosed
+    | Reaped
+)
 
 
 @dataclass(slots=True)
@@ -168,6 +212,8 @@ class SessionState:
     #: (Go: a client session says ``client/0``).
     client_key: str = "client"
     session_key: int = 0
+    #: Negotiated revdial extension version (0 = plain remotedialer).
+    extensions: int = 0
     conns: dict[int, Conn] = field(default_factory=dict)
     buffered_total: int = 0
     _next_msg_id: int = 1
@@ -190,7 +236,12 @@ class SessionState:
         return mid
 
     def _queue(
-        self, conn_id: int, mtype: MessageType, payload: bytes = b"", *, urgent: bool = False
+        self,
+        conn_id: int,
+        mtype: MessageType | ExtType,
+        payload: bytes = b"",
+        *,
+        urgent: bool = False,
     ) -> None:
         frame = encode(Frame(self._msg_id(), conn_id, mtype, payload))
         (self._urgent if urgent else self._ordered).append(frame)
@@ -227,9 +278,30 @@ class SessionState:
         return conn_id
 
     def dial_succeeded(self, conn_id: int) -> None:
+        """Our dial for the peer's Connect worked (with v1: tell the peer)."""
         conn = self.conns.get(conn_id)
-        if conn is not None:
+        if conn is not None and conn.phase is ConnPhase.DIALING:
             conn.phase = ConnPhase.OPEN
+            if self.extensions:
+                self._queue(conn_id, ExtType.CONNECT_OK)
+
+    def send_eof(self, conn_id: int) -> bool:
+        """Extension v1: we will send no more Data on ``conn_id``.
+
+        Queues HALF_CLOSE behind the stream's Data. Once both sides have
+        half-closed the id is retired without any Error frame. Returns False
+        if the id is unknown or EOF was already sent.
+        """
+        if not self.extensions:
+            raise ProtocolError("half-close needs the revdial extension (peer lacks it)")
+        conn = self.conns.get(conn_id)
+        if conn is None or conn.eof_sent:
+            return False
+        conn.eof_sent = True
+        self._queue(conn_id, ExtType.HALF_CLOSE)
+        if conn.eof_received:
+            self._remove(conn_id)
+        return True
 
     def close(self, conn_id: int, error: str | None = None) -> bool:
         """Close ``conn_id`` on our initiative: remove it and queue its Error.
@@ -303,6 +375,21 @@ class SessionState:
             return FlowChanged(frame.conn_id, paused)
         if t == MessageType.SYNC_CONNECTIONS:
             return self._on_sync(parse_sync(frame.payload), now)
+        if self.extensions:
+            if t == ExtType.CONNECT_OK:
+                conn = self.conns.get(frame.conn_id)
+                if conn is None or not conn.opened_by_us or conn.confirmed:
+                    return None
+                conn.confirmed = True
+                return DialConfirmed(frame.conn_id)
+            if t == ExtType.HALF_CLOSE:
+                conn = self.conns.get(frame.conn_id)
+                if conn is None or conn.eof_received:
+                    return None
+                conn.eof_received = True
+                if conn.eof_sent:
+                    self._remove(frame.conn_id)
+                return PeerHalfClosed(frame.conn_id, retired=conn.eof_sent)
         # AddClient/RemoveClient were validated by decode(); peering is not
         # supported, so they carry nothing for us. Unknown types: ignored.
         return None
@@ -320,6 +407,10 @@ class SessionState:
         n = len(frame.payload)
         if n == 0:
             return None
+        if conn.eof_received:
+            reason = "revdial: Data after half-close"
+            self.close(frame.conn_id, reason)
+            return Reset(frame.conn_id, reason)
         conn.buffered += n
         conn.received_data = True
         total = self.buffered_total + n

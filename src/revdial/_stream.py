@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
 
 from ._errors import (
+    DialConnectionRefusedError,
     DialError,
     DialRefusedError,
     DialSessionLostError,
     DialTimeoutError,
     DialUnreachableError,
+    HalfCloseUnsupportedError,
     SessionLostError,
     StreamResetError,
     TunnelError,
@@ -40,10 +43,12 @@ def classify_dial_error(reason: str, client_key: str, target: str) -> DialError:
     lowered = reason.lower()
     if any(m in lowered for m in _TIMEOUT_MARKERS):
         return DialTimeoutError(msg, **kw)
+    if "connection refused" in lowered:
+        return DialConnectionRefusedError(msg, **kw)
     return DialUnreachableError(msg, **kw)
 
 
-class TunnelStream(trio.abc.Stream):
+class TunnelStream(trio.abc.HalfCloseableStream):
     """A bidirectional byte stream carried by a remotedialer session.
 
     The receive side is a byte-bounded buffer filled by the session's reader
@@ -58,7 +63,12 @@ class TunnelStream(trio.abc.Stream):
     failed, :class:`~revdial.StreamResetError`,
     :class:`~revdial.SessionLostError`). After the peer's orderly close,
     ``receive_some`` returns ``b""`` and ``send_all`` raises
-    :class:`trio.BrokenResourceError` (remotedialer has no half-close).
+    :class:`trio.BrokenResourceError`.
+
+    Half-close (:meth:`send_eof`) needs the revdial extension on the session
+    (:attr:`supports_half_close`); plain remotedialer (a Go peer) cannot
+    express it and :meth:`send_eof` raises
+    :class:`~revdial.HalfCloseUnsupportedError`.
     """
 
     def __init__(self, session: Session, conn_id: int, target: str, *, opened_by_us: bool) -> None:
@@ -68,7 +78,12 @@ class TunnelStream(trio.abc.Stream):
         self.target = target
         self._opened_by_us = opened_by_us
         self._buffer: deque[bytes] = deque()
-        self._peer_eof = False
+        self._peer_eof = False  # orderly full close by the peer (Error "EOF")
+        self._peer_write_closed = False  # the peer half-closed (extension v1)
+        self._eof_sent = False  # we half-closed
+        self._confirmed = False  # extension v1: the peer's dial succeeded
+        #: base protocol: fail the first receive if nothing arrived by then
+        self._first_byte_deadline = math.inf
         self._error: BaseException | None = None  # raised once the buffer is drained
         self._closed = False  # by us
         self._peer_paused = False
@@ -90,11 +105,24 @@ class TunnelStream(trio.abc.Stream):
         """True once the peer closed the stream (orderly or not)."""
         return self._peer_eof or self._error is not None
 
+    @property
+    def supports_half_close(self) -> bool:
+        """True if :meth:`send_eof` works (the session negotiated extension v1)."""
+        return self._session.extensions >= 1
+
     # --- called by the session driver (synchronously) ---------------------
 
     def _feed(self, data: bytes) -> None:
         self._buffer.append(data)
         self._received = True
+        self._recv_lot.unpark_all()
+
+    def _dial_confirmed(self) -> None:
+        self._confirmed = True
+        self._recv_lot.unpark_all()
+
+    def _peer_half_closed(self) -> None:
+        self._peer_write_closed = True
         self._recv_lot.unpark_all()
 
     def _set_peer_paused(self, paused: bool) -> None:
@@ -106,6 +134,7 @@ class TunnelStream(trio.abc.Stream):
         """The peer sent Error for this stream (``None`` = orderly EOF)."""
         if error is None:
             self._peer_eof = True
+            self._confirmed = True
         elif (
             self._opened_by_us
             and not received_data
@@ -157,9 +186,17 @@ class TunnelStream(trio.abc.Stream):
                     break
                 if self._error is not None:
                     raise self._error
-                if self._peer_eof:
+                if self._peer_eof or self._peer_write_closed:
                     return b""
-                await self._recv_lot.park()
+                if self._received or self._first_byte_deadline == math.inf:
+                    await self._recv_lot.park()
+                else:
+                    with trio.move_on_at(self._first_byte_deadline):
+                        await self._recv_lot.park()
+                    if trio.current_time() >= self._first_byte_deadline and not (
+                        self._buffer or self._error or self._peer_eof or self._received
+                    ):
+                        self._time_out_dial()
             chunk = self._buffer[0]
             if max_bytes is None or len(chunk) <= max_bytes:
                 self._buffer.popleft()
@@ -200,9 +237,42 @@ class TunnelStream(trio.abc.Stream):
         finally:
             self._sending = False
 
+    def _time_out_dial(self) -> None:
+        """No answer from a peer that does not confirm dials: give up."""
+        self._error = DialTimeoutError(
+            f"dial {self.target} via client {self._session.client_key!r}: no answer within "
+            f"{self._session.limits.connect_timeout:.0f} s",
+            reason="timeout",
+            client_key=self._session.client_key,
+            target=self.target,
+        )
+        self._session._close_stream(self.conn_id, "revdial: dial timed out")
+
+    async def wait_dialed(self) -> None:
+        """Extension v1: wait until the peer confirms the dial.
+
+        Raises the typed :class:`~revdial.DialError` if the dial failed.
+        """
+        await trio.lowlevel.checkpoint()
+        while not self._confirmed:
+            if self._error is not None:
+                raise self._error
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+            await self._recv_lot.park()
+
+    def fail_dial_timeout(self) -> DialTimeoutError:
+        """Give up on the dial: close the stream and return the error to raise."""
+        self._time_out_dial()
+        assert isinstance(self._error, DialTimeoutError)
+        self.close_nowait()
+        return self._error
+
     def _check_writable(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            raise trio.ClosedResourceError("send_eof() was called on this stream")
         if self._error is not None:
             raise self._error
         if self._peer_eof:
@@ -214,6 +284,30 @@ class TunnelStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
         while self._peer_paused and not (self._closed or self._error or self._peer_eof):
             await self._send_lot.park()
+
+    async def send_eof(self) -> None:
+        """Half-close: tell the peer we will send no more; keep receiving.
+
+        Idempotent. Needs the revdial extension on the session; raises
+        :class:`~revdial.HalfCloseUnsupportedError` otherwise (close the
+        stream instead). The EOF is queued behind this stream's Data.
+        """
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        if not self.supports_half_close:
+            raise HalfCloseUnsupportedError(
+                "the peer does not speak the revdial extension (plain remotedialer has no "
+                "half-close); close the stream instead"
+            )
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+        if self._eof_sent:
+            return
+        if self._error is not None:
+            raise self._error
+        self._eof_sent = True
+        self._session._send_eof(self.conn_id)
 
     async def aclose(self) -> None:
         """Close the stream: the peer gets an orderly ``EOF`` Error frame.

@@ -22,7 +22,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_
 
 from ._agent import Dialer, make_connect_handler
 from ._limits import DEFAULT_LIMITS, Limits
-from ._session import ActivityStream, Session
+from ._session import EXTENSION_VERSION, ActivityStream, Session
 from ._state import Role
 
 __all__ = ["FakeNetwork", "echo_handler", "open_session_pair"]
@@ -85,11 +85,14 @@ async def open_session_pair(
     allow: object = None,
     dialer: Dialer | None = None,
     client_key: str = "c1",
+    extensions: int = EXTENSION_VERSION,
 ) -> AsyncIterator[tuple[Session, Session]]:
     """A connected ``(server_session, client_session)`` pair over memory streams.
 
     The client (agent) side answers Connects with the agent's real handler
-    (``allow`` policy, ``dialer``). Both sessions are cancelled on exit.
+    (``allow`` policy, ``dialer``). ``extensions`` is the revdial extension
+    version both use (0: plain remotedialer, as with a Go peer). Both sessions
+    are cancelled on exit.
     """
     client_raw, server_raw = trio.testing.memory_stream_pair()
     client_transport = ActivityStream(client_raw)
@@ -121,7 +124,12 @@ async def open_session_pair(
         server_ws = await request.accept()
         await client_ready.wait()
         server = Session(
-            server_ws, server_transport, Role.SERVER, client_key=client_key, limits=server_limits
+            server_ws,
+            server_transport,
+            Role.SERVER,
+            client_key=client_key,
+            limits=server_limits,
+            extensions=extensions,
         )
         client = Session(
             client_ws[0],
@@ -132,6 +140,7 @@ async def open_session_pair(
             on_connect=make_connect_handler(
                 allow, dialer if dialer is not None else _refuse_all, client_limits
             ),
+            extensions=extensions,
         )
         await nursery.start(server.run)
         await nursery.start(client.run)
