@@ -34,7 +34,8 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
             with contextlib.suppress(OSError), open(table) as f:
                 for line in f:
                     fields = line.split()
-                    if len(fields) > 3 and fields[1].endswith(needle.strip()) and fields[3] == "0A":
+                    listening = len(fields) > 3 and fields[3] == "0A"
+                    if listening and fields[1].endswith(needle.strip()):
                         return
         if time.monotonic() > deadline:
             raise TimeoutError(f"nothing listens on port {port}")
@@ -55,7 +56,9 @@ def wait_output(proc: subprocess.Popen[bytes], text: str, timeout: float = 10.0)
 
 
 @contextlib.contextmanager
-def running(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    cmd: Sequence[str], *, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``cmd`` for the duration of the block; terminate it afterwards."""
     proc = subprocess.Popen(
         list(cmd),

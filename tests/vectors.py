@@ -114,7 +114,9 @@ def params(source: Callable[[], list[Vector]]) -> list[Any]:
         items = source()
     except VectorsMissingError as exc:
         return [pytest.param(Missing(str(exc)), id="shared-vectors-missing")]
-    return [pytest.param(v, id=str(v.get("name", v.get("scenario", i)))) for i, v in enumerate(items)]
+    return [
+        pytest.param(v, id=str(v.get("name", v.get("scenario", i)))) for i, v in enumerate(items)
+    ]
 
 
 def require(item: Vector | Missing) -> Vector:

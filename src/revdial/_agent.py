@@ -133,7 +133,9 @@ def _handshake_error(exc: BaseException) -> BaseException:
             )
     for leaf in leaves:
         if isinstance(leaf, WSHandshakeError | trio.BrokenResourceError | OSError):
-            return HandshakeError(f"connection failed during the handshake: {leaf}")
+            cause = leaf.__cause__ or leaf.__context__
+            detail = str(leaf) or (repr(cause) if cause is not None else type(leaf).__name__)
+            return HandshakeError(f"connection failed during the handshake: {detail}")
     if len(leaves) == 1 and isinstance(leaves[0], RevdialError):
         return leaves[0]
     return exc

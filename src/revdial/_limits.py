@@ -54,7 +54,10 @@ class Limits:
     max_streams: int = 65536
     #: Sessions a server holds at once.
     max_sessions: int = 1024
-    #: Agents ping this often (Go: 5 s); servers ping too, to find dead agents.
+    #: Agents ping this often (Go: 5 s). Servers do not ping (as Go): they
+    #: watch the agents' pings arrive. Only one side pinging means only one
+    #: side's reader ever writes (pongs), so two writers blocked on each
+    #: other cannot deadlock the keepalive.
     ping_interval: float = 5.0
     #: A session whose peer has not answered a ping for this long is dead.
     #: Go's read deadline is 60 s; we fail faster, still far above any RTT.

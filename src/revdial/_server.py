@@ -195,7 +195,7 @@ class Server:
             )
         if session.extensions < 1:
             if timeout > 0:
-                stream._first_byte_deadline = trio.current_time() + timeout
+                stream._arm_first_byte_timeout(trio.current_time() + timeout)
             return stream
         try:
             with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:

@@ -44,6 +44,7 @@ from ._errors import (
 from ._limits import DEFAULT_LIMITS, Limits
 from ._speedups import install_fast_masker
 from ._state import (
+    OVERRUN_TEXT,
     Closed,
     ConnectRequested,
     DataReceived,
@@ -163,6 +164,7 @@ class Session:
         self._urgent: deque[bytes] = deque()
         self._fifo: deque[bytes | tuple[bytes, int]] = deque()
         self._fifo_data_bytes = 0
+        self._fifo_control = 0  # Connect/Error frames queued in _fifo
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._space_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
@@ -237,14 +239,18 @@ class Session:
                     nursery.cancel_scope.cancel()
         finally:
             self._teardown()
-            if trio.current_effective_deadline() == -math.inf:
-                # We are being cancelled (shutdown): trio-websocket's reader is
-                # being cancelled too, so no close handshake can complete.
-                await trio.aclose_forcefully(self._transport)
-            else:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.limits.close_timeout):
-                    await self.ws.aclose()
-            self.ended.set()
+            try:
+                if trio.current_effective_deadline() == -math.inf:
+                    # We are being cancelled (shutdown): trio-websocket's reader
+                    # is being cancelled too, so no close handshake can complete.
+                    await trio.aclose_forcefully(self._transport)
+                else:
+                    with trio.CancelScope(shield=True), trio.move_on_after(
+                        self.limits.close_timeout
+                    ):
+                        await self.ws.aclose()
+            finally:
+                self.ended.set()
 
     # --- internals: stream hooks ------------------------------------------
 
@@ -266,13 +272,13 @@ class Session:
         if not self._ended and self.state.close(conn_id, error):
             self._flush_state()
 
-    async def _send_data(self, conn_id: int, chunk: memoryview) -> None:
-        while self._fifo_data_bytes >= self.limits.outbox_bytes:
-            if self._ended:
-                break
+    async def _wait_outbox_space(self) -> None:
+        """Wait until the outbox takes more Data (returns at once if ended)."""
+        while self._fifo_data_bytes >= self.limits.outbox_bytes and not self._ended:
             await self._space_lot.park()
-        if self._ended:
-            raise SessionLostError(f"session {self.id} to {self.client_key!r} has ended")
+
+    def _queue_data(self, conn_id: int, chunk: memoryview) -> None:
+        """Queue one Data frame; the caller checked the stream is writable."""
         frame = b"".join((self.state.data_header(conn_id), chunk))
         n = len(chunk)
         self._fifo.append((frame, n))
@@ -284,12 +290,13 @@ class Session:
         urgent = state.take_urgent()
         if urgent:
             self._urgent.extend(urgent)
-            if len(self._urgent) > self.limits.max_control_frames:
-                # The peer provokes replies but does not read them.
-                self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
         ordered = state.take_ordered()
         if ordered:
             self._fifo.extend(ordered)
+            self._fifo_control += len(ordered)
+        if len(self._urgent) + self._fifo_control > self.limits.max_control_frames:
+            # The peer provokes replies but does not read them.
+            self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
         self._writer_lot.unpark()
 
     def _abort(self, reason: RevdialError) -> None:
@@ -376,7 +383,9 @@ class Session:
             )
             if stream is not None:
                 stream._fail(
-                    StreamResetError("peer ignored Pause and overran the receive buffer"),
+                    StreamResetError(
+                        "peer ignored Pause and overran the receive buffer", reason=OVERRUN_TEXT
+                    ),
                     drop_buffer=True,
                 )
         elif isinstance(event, Reaped):
@@ -384,7 +393,10 @@ class Session:
                 stream = streams.pop(conn_id, None)
                 if stream is not None:
                     stream._fail(
-                        StreamResetError("stream unknown to the peer (SyncConnections)"),
+                        StreamResetError(
+                            "stream unknown to the peer (SyncConnections)",
+                            reason="sync from client",
+                        ),
                         drop_buffer=False,
                     )
 
@@ -433,6 +445,7 @@ class Session:
                         self._space_lot.unpark_all()
                         await send(frame)
                     else:
+                        self._fifo_control -= 1
                         await send(item)  # type: ignore[arg-type]
                 else:
                     await self._writer_lot.park()
@@ -480,5 +493,6 @@ class Session:
         self._urgent.clear()
         self._fifo.clear()
         self._fifo_data_bytes = 0
+        self._fifo_control = 0
         self._space_lot.unpark_all()
         self._writer_lot.unpark_all()

@@ -271,7 +271,9 @@ class SessionState:
         if len(self.conns) >= self.limits.max_streams:
             raise ProtocolError(f"stream limit reached ({self.limits.max_streams})")
         conn_id = self._next_conn_id
-        self._next_conn_id += 1
+        while conn_id in self.conns:  # the peer opened this id itself (PROTOCOL 6.12)
+            conn_id += 1
+        self._next_conn_id = conn_id + 1
         target = f"{proto}/{address}"
         self.conns[conn_id] = Conn(conn_id, True, target, now)
         self._queue(conn_id, MessageType.CONNECT, target.encode())

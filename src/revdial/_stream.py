@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -172,8 +173,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         Raises a :class:`~revdial.TunnelError` once buffered data is drained
         if the stream failed.
         """
-        if max_bytes is not None and max_bytes < 1:
-            raise ValueError("max_bytes must be >= 1")
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
         if self._receiving:
             raise trio.BusyResourceError("another task is already receiving on this stream")
         self._receiving = True
@@ -231,11 +234,21 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if self._peer_paused:
                     await self._send_lot.park()
                     continue
+                session = self._session
+                if session._fifo_data_bytes >= session.limits.outbox_bytes:
+                    await session._wait_outbox_space()
+                    continue  # re-check: the stream may have closed meanwhile
+                if not session.is_open:
+                    raise SessionLostError(f"session to {session.client_key!r} has ended")
                 end = offset + frame_size
-                await self._session._send_data(self.conn_id, view[offset:end])
+                session._queue_data(self.conn_id, view[offset:end])
                 offset = end
         finally:
             self._sending = False
+
+    def _arm_first_byte_timeout(self, deadline: float) -> None:
+        """Plain remotedialer: fail the first receive if nothing arrived by then."""
+        self._first_byte_deadline = deadline
 
     def _time_out_dial(self) -> None:
         """No answer from a peer that does not confirm dials: give up."""
@@ -281,9 +294,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     async def wait_send_all_might_not_block(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
-        await trio.lowlevel.checkpoint()
-        while self._peer_paused and not (self._closed or self._error or self._peer_eof):
-            await self._send_lot.park()
+        self._sending = True
+        try:
+            await trio.lowlevel.checkpoint()
+            while self._peer_paused and not (self._closed or self._error or self._peer_eof):
+                await self._send_lot.park()
+            if self._closed:
+                raise trio.ClosedResourceError("stream was closed")
+        finally:
+            self._sending = False
 
     async def send_eof(self) -> None:
         """Half-close: tell the peer we will send no more; keep receiving.
@@ -294,6 +313,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """
         if self._sending:
             raise trio.BusyResourceError("another task is sending on this stream")
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
         if not self.supports_half_close:
             raise HalfCloseUnsupportedError(
                 "the peer does not speak the revdial extension (plain remotedialer has no "
