@@ -35,6 +35,7 @@ __all__ = [
     "Agent",
     "AllowPolicy",
     "Dialer",
+    "StreamHandler",
     "connect",
     "default_dialer",
     "make_connect_handler",
@@ -46,6 +47,8 @@ log = logging.getLogger("revdial")
 
 #: ``dialer(proto, address) -> stream``: how the agent reaches a target.
 Dialer = Callable[[str, str], Awaitable[trio.abc.Stream]]
+#: Serves one tunnel stream in-process (a virtual target, see ``services``).
+StreamHandler = Callable[[TunnelStream], Awaitable[None]]
 AllowSpec = "AllowPolicy | Callable[[str, str], bool] | Iterable[str] | None"
 
 _TCP_PROTOS = frozenset({"tcp", "tcp4", "tcp6"})
@@ -210,6 +213,9 @@ class Agent:
     ``X-Tunnel-ID`` and ``Authorization: Bearer``). ``allow`` decides which
     ``proto``/``address`` the server may dial (an :class:`AllowPolicy`, a list
     of its patterns, or a callable); by default nothing is allowed.
+    ``services`` maps virtual ``"proto/address"`` targets to in-process
+    handlers (see :func:`make_connect_handler`). ``extensions=False`` speaks
+    plain remotedialer even to a revdial server.
     """
 
     def __init__(
@@ -224,6 +230,7 @@ class Agent:
         backoff_initial: float = 1.0,
         backoff_max: float = 30.0,
         extensions: bool = True,
+        services: Mapping[str, StreamHandler] | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss"):
@@ -246,7 +253,7 @@ class Agent:
             self._headers.append(
                 (EXTENSION_HEADER.encode(), str(self._extension_version).encode())
             )
-        self._on_connect = make_connect_handler(allow, dialer, limits)
+        self._on_connect = make_connect_handler(allow, dialer, limits, services)
         self._ssl_context = ssl_context if ssl_context is not None else (
             ssl.create_default_context() if self._secure else None
         )
@@ -368,18 +375,31 @@ class Agent:
 
 
 def make_connect_handler(
-    allow: object = None, dialer: Dialer = default_dialer, limits: Limits = DEFAULT_LIMITS
+    allow: object = None,
+    dialer: Dialer = default_dialer,
+    limits: Limits = DEFAULT_LIMITS,
+    services: Mapping[str, StreamHandler] | None = None,
 ) -> ConnectHandler:
     """The agent's answer to each Connect: check ``allow``, dial, then splice.
+
+    ``services`` maps virtual targets (``"proto/address"``) to in-process
+    handlers that serve the tunnel stream themselves -- no socket, no dial --
+    such as the agent's HTTP reverse proxy. They are allowed implicitly.
 
     A refused or failed dial closes only that stream, with an Error text a Go
     server shows its caller (``dial tcp ADDR: connect: connection refused``);
     the session lives on.
     """
     policy = _as_policy(allow)
+    virtual = dict(services or {})
 
     async def handle(stream: TunnelStream, proto: str, address: str) -> None:
         target = f"{proto}/{address}"
+        service = virtual.get(target)
+        if service is not None:
+            stream.session.dial_succeeded(stream)
+            await service(stream)
+            return
         if not policy(proto, address):
             log.warning("refused dial to %s: not allowed by the agent's policy", target)
             stream.close_nowait(f"{POLICY_REFUSAL_PREFIX}: {target}")
@@ -410,6 +430,7 @@ async def connect(
     limits: Limits = DEFAULT_LIMITS,
     dialer: Dialer = default_dialer,
     extensions: bool = True,
+    services: Mapping[str, StreamHandler] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run an agent for ``url`` forever (see :class:`Agent`).
@@ -425,5 +446,6 @@ async def connect(
         limits=limits,
         dialer=dialer,
         extensions=extensions,
+        services=services,
     )
     await agent.run(task_status=task_status)
