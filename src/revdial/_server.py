@@ -5,7 +5,6 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
-import math
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -186,26 +185,14 @@ class Server:
             if session.is_open:
                 stream = session.open_stream(proto, address)
                 break
-        else:
+        else:  # no break: no live session
             raise NoSuchClientError(
                 f"no session for client {client_key!r}",
                 reason="no such client",
                 client_key=client_key,
                 target=f"{proto}/{address}",
             )
-        if session.extensions < 1:
-            if timeout > 0:
-                stream._arm_first_byte_timeout(trio.current_time() + timeout)
-            return stream
-        try:
-            with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:
-                await stream.wait_dialed()
-        except BaseException:
-            stream.close_nowait()
-            raise
-        if scope.cancelled_caught:
-            raise stream.fail_dial_timeout()
-        return stream
+        return await session.dial(stream, timeout)
 
     async def serve(
         self,

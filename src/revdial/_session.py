@@ -210,6 +210,30 @@ class Session:
         self._flush_state()
         return stream
 
+    async def dial(self, stream: TunnelStream, connect_timeout: float) -> TunnelStream:
+        """Finish a dial of a stream from :meth:`open_stream` (see ``Server.dial``).
+
+        With extension v1: wait for the peer's confirmation, raising the typed
+        DialError, or DialTimeoutError after ``connect_timeout``. Plain
+        remotedialer: return at once, arming the first-byte timeout.
+        ``connect_timeout`` 0 disables the timeout. On any exception,
+        cancellation included, the stream is closed (no table entry leaks).
+        """
+        if self.extensions < 1:
+            await trio.lowlevel.checkpoint()
+            if connect_timeout > 0:
+                stream._arm_first_byte_timeout(trio.current_time() + connect_timeout)
+            return stream
+        try:
+            with trio.move_on_after(connect_timeout or math.inf) as scope:
+                await stream.wait_dialed()
+        except BaseException:
+            stream.close_nowait()
+            raise
+        if scope.cancelled_caught:
+            raise stream.fail_dial_timeout()
+        return stream
+
     def dial_succeeded(self, stream: TunnelStream) -> None:
         """The agent's connect for ``stream`` worked (confirms it to a v1 peer)."""
         self.state.dial_succeeded(stream.conn_id)
