@@ -42,7 +42,7 @@ from ._errors import (
     TunnelError,
 )
 from ._limits import DEFAULT_LIMITS, Limits
-from ._speedups import install_fast_masker
+from ._speedups import install as install_speedups
 from ._state import (
     OVERRUN_TEXT,
     Closed,
@@ -97,7 +97,7 @@ def negotiate_extensions(offer: str | None, supported: int = EXTENSION_VERSION) 
         return 0
     return max(0, min(version, supported))
 
-install_fast_masker()
+install_speedups()
 
 
 class ActivityStream(trio.abc.Stream):
