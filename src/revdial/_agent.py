@@ -54,8 +54,11 @@ AllowSpec = "AllowPolicy | Callable[[str, str], bool] | Iterable[str] | None"
 _TCP_PROTOS = frozenset({"tcp", "tcp4", "tcp6"})
 
 
-def split_host_port(address: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ValueError if malformed."""
+def split_host_port(address: str, *, allow_zero: bool = False) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``; ValueError if malformed.
+
+    ``allow_zero`` accepts port 0 (listen on an ephemeral port).
+    """
     host, sep, port_text = address.rpartition(":")
     if not sep or not host or not port_text.isdigit():
         raise ValueError(f"address {address!r} is not HOST:PORT")
@@ -64,7 +67,7 @@ def split_host_port(address: str) -> tuple[str, int]:
     elif ":" in host:
         raise ValueError(f"IPv6 address {address!r} must be in brackets: [ADDR]:PORT")
     port = int(port_text)
-    if not 0 < port < 65536:
+    if not (0 if allow_zero else 1) <= port < 65536:
         raise ValueError(f"port out of range in {address!r}")
     return host, port
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from ._agent import Agent, AllowPolicy, make_ssl_context, split_host_port
-from ._errors import DialError, RevdialError, TunnelError
+from ._errors import DialError, RevdialError, TunnelError, exception_leaves
 from ._server import Authorizer, HandshakeRequest, Server, token_authorizer
 from ._splice import splice
 
@@ -56,7 +56,7 @@ def parse_forward(spec: str) -> Forward:
 
 def _listen_address(text: str) -> tuple[str, int]:
     try:
-        return split_host_port(text)
+        return split_host_port(text, allow_zero=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -262,7 +262,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         commands["demo"] = run_demo
     try:
         trio.run(_run_until_signal, lambda: commands[args.command](args))
-    except (RevdialError, OSError) as exc:
-        print(f"revdial {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except BaseException as exc:
+        # Errors leave trio's nurseries wrapped in exception groups: report
+        # the single cause in one line, as a command-line tool should.
+        leaves = exception_leaves(exc)
+        first = leaves[0] if len(leaves) == 1 else None
+        if isinstance(first, SystemExit):
+            if isinstance(first.code, str):
+                print(first.code, file=sys.stderr)
+                return 1
+            return first.code if isinstance(first.code, int) else 1
+        if isinstance(first, RevdialError | OSError | ValueError):
+            print(f"revdial {args.command}: {first}", file=sys.stderr)
+            return 1
+        if isinstance(first, KeyboardInterrupt):
+            return 130
+        raise
     return 0

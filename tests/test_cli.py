@@ -1,0 +1,388 @@
+"""The ``revdial`` command, run as real subprocesses (``python -m revdial``).
+
+The two-process tests start ``revdial server`` with ``--forward``s and
+``revdial agent``, with target services running in the test, and talk to the
+forwards over loopback. Processes are always killed on the way out; their
+combined output goes to a file under ``tmp_path`` so no pipe can fill up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import pytest
+import trio
+import trustme
+
+from conftest import (
+    TOKEN,
+    MiB,
+    echo_handler,
+    echo_roundtrip,
+    pattern,
+    receive_exactly,
+    serve_target,
+)
+
+CLIENT = "c1"
+
+
+def _env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("REVDIAL_TOKEN", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free a moment ago."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return path.open("wb")
+
+
+@dataclass
+class Proc:
+    process: trio.Process
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    async def terminate(self) -> int:
+        """SIGTERM, then wait (at most 5 s) for the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def revdial_process(
+    args: Sequence[str], log: Path, env: Mapping[str, str] | None = None
+) -> AsyncIterator[Proc]:
+    """Run ``python -m revdial ARGS``; kill it on exit if it is still running."""
+    with _open_log(log) as out:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "revdial", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=_env(env),
+        )
+        try:
+            yield Proc(process, log)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            with trio.CancelScope(shield=True):
+                await process.wait()
+
+
+async def run_revdial(*args: str) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(20):
+        return await trio.run_process(
+            [sys.executable, "-m", "revdial", *args],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=_env(),
+        )
+
+
+async def wait_echo(port: int) -> None:
+    """Retry until an echo through the forward on ``port`` works.
+
+    Until the agent's session is up the forward accepts and then closes the
+    connection (no such client), or nothing listens yet: poll every 50 ms.
+    """
+    while True:
+        try:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+        except OSError:
+            await trio.sleep(0.05)
+            continue
+        async with stream:
+            try:
+                await stream.send_all(b"ready?")
+                if await receive_exactly(stream, 6) == b"ready?":
+                    return
+            except (EOFError, trio.BrokenResourceError):
+                pass
+        await trio.sleep(0.05)
+
+
+@dataclass
+class Pair:
+    server: Proc
+    agent: Proc
+    #: local forward port for each target port given to ``run_pair``.
+    forwards: dict[int, int]
+
+
+@asynccontextmanager
+async def run_pair(
+    tmp_path: Path,
+    echo_port: int,
+    *targets: int,
+    scheme: str = "ws",
+    server_extra: Sequence[str] = ("--token", TOKEN),
+    agent_extra: Sequence[str] = ("--token", TOKEN),
+    agent_env: Mapping[str, str] | None = None,
+) -> AsyncIterator[Pair]:
+    """``revdial server`` forwarding to ``echo_port`` and ``targets`` through
+    ``revdial agent`` (allowed exactly those); returns once an echo works.
+
+    Both log at debug level, so "the token is never logged" is checked
+    against everything they can say.
+    """
+    all_targets = [echo_port, *targets]
+    listen, *local = free_ports(1 + len(all_targets))
+    forwards = dict(zip(all_targets, local, strict=True))
+    server_args = ["--log-level", "debug", "server", "--listen", f"127.0.0.1:{listen}",
+                   *server_extra]
+    agent_args = ["--log-level", "debug", "agent", "--server",
+                  f"{scheme}://127.0.0.1:{listen}/connect", "--id", CLIENT, *agent_extra]
+    for target, port in forwards.items():
+        server_args += ["--forward", f"127.0.0.1:{port}={CLIENT}/127.0.0.1:{target}"]
+        agent_args += ["--allow", f"127.0.0.1:{target}"]
+    async with AsyncExitStack() as stack:
+        server = await stack.enter_async_context(
+            revdial_process(server_args, tmp_path / "server.log")
+        )
+        agent = await stack.enter_async_context(
+            revdial_process(agent_args, tmp_path / "agent.log", agent_env)
+        )
+        try:
+            with trio.fail_after(20):
+                await wait_echo(forwards[echo_port])
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"tunnel never came up\n--- server:\n{server.output()}\n"
+                f"--- agent:\n{agent.output()}"
+            ) from None
+        yield Pair(server, agent, forwards)
+
+
+# --- help and argument errors ----------------------------------------------------
+
+HELP_MENTIONS = {
+    (): ["server", "agent", "demo", "--log-level"],
+    ("server",): ["--listen", "--token", "--tokens", "--insecure-no-auth", "--forward",
+                  "--tls-cert", "--tls-key", "--path"],
+    ("agent",): ["--server", "--id", "--token", "--allow", "--allow-all", "--ca-file",
+                 "--ca-checksum"],
+}
+
+
+@pytest.mark.parametrize("command", list(HELP_MENTIONS), ids=["top", "server", "agent"])
+async def test_help(command: tuple[str, ...]) -> None:
+    result = await run_revdial(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout.decode()
+    for option in HELP_MENTIONS[command]:
+        assert option in text, f"{option} missing from 'revdial {' '.join(command)} --help'"
+
+
+async def test_server_refuses_to_run_without_auth() -> None:
+    (port,) = free_ports(1)
+    result = await run_revdial("server", "--listen", f"127.0.0.1:{port}")
+    assert result.returncode != 0
+    assert b"--insecure-no-auth" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["no-auth", "address-in-use", "agent-bad-checksum"])
+async def test_cli_errors_are_one_line(case: str, tmp_path: Path) -> None:
+    if case == "agent-bad-checksum":
+        ca_file = tmp_path / "ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(ca_file))
+        result = await run_revdial("agent", "--server", "wss://127.0.0.1:1/connect", "--id",
+                                   CLIENT, "--ca-file", str(ca_file), "--ca-checksum", "00" * 32)
+        assert result.returncode == 1
+        assert b"Traceback" not in result.stderr, result.stderr.decode()
+        assert result.stderr.rstrip().endswith(b"pinned SHA-256 checksum")
+        return
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        if case == "no-auth":
+            (free,) = free_ports(1)
+            result = await run_revdial("server", "--listen", f"127.0.0.1:{free}")
+        else:
+            result = await run_revdial("server", "--listen", f"127.0.0.1:{port}",
+                                       "--token", TOKEN)
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr, result.stderr.decode()
+    assert result.stderr.startswith(b"revdial server: "), result.stderr.decode()
+
+
+async def test_agent_refuses_wrong_ca_checksum(tmp_path: Path) -> None:
+    ca_file = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca_file))
+    result = await run_revdial("agent", "--server", "wss://127.0.0.1:1/connect", "--id",
+                               CLIENT, "--ca-file", str(ca_file), "--ca-checksum", "00" * 32)
+    assert result.returncode != 0
+    assert b"does not match the pinned SHA-256 checksum" in result.stderr
+
+
+# --- a real server and agent -------------------------------------------------------
+
+
+async def test_two_processes_forward(tmp_path: Path) -> None:
+    async with serve_target(echo_handler) as echo, run_pair(tmp_path, echo) as pair:
+        with trio.fail_after(30):
+            port = pair.forwards[echo]
+            async with await trio.open_tcp_stream("127.0.0.1", port) as client:
+                await echo_roundtrip(client, b"hello through two processes")
+                # 10 MiB each way at once, checksummed.
+                data = b"".join(pattern(20, 10 * MiB))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.send_all, data)
+                    echoed = await receive_exactly(client, len(data))
+                assert hashlib.sha256(echoed).digest() == hashlib.sha256(data).digest()
+            # A clean shutdown on SIGTERM, agent first, then the server.
+            assert await pair.agent.terminate() == 0, pair.agent.output()
+            assert await pair.server.terminate() == 0, pair.server.output()
+        server_out, agent_out = pair.server.output(), pair.agent.output()
+        assert "shutting down" in server_out
+        assert "shutting down" in agent_out
+        assert CLIENT in server_out  # it did log the session
+        assert TOKEN not in server_out
+        assert TOKEN not in agent_out
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_curl_through_forward(tmp_path: Path) -> None:
+    body = b"hello from behind the agent\n" * 100
+
+    async def http_responder(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            data = await stream.receive_some()
+            if not data:
+                return
+            request += data
+        path = request.split(b" ")[1]
+        await stream.send_all(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+            + b"X-Path: " + path + b"\r\n"
+            + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
+
+    async with (
+        serve_target(echo_handler) as echo,
+        serve_target(http_responder) as http,
+        run_pair(tmp_path, echo, http) as pair,
+    ):
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                ["curl", "-sS", "-D", "-", "--max-time", "10",
+                 f"http://127.0.0.1:{pair.forwards[http]}/some/page"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        assert result.returncode == 0, result.stderr.decode()
+        head, _, got = result.stdout.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"X-Path: /some/page" in head
+        assert got == body
+
+
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="iperf3 is not installed")
+async def test_iperf3_through_forward(tmp_path: Path) -> None:
+    (iperf_port,) = free_ports(1)
+    iperf_server = await trio.lowlevel.open_process(
+        ["iperf3", "-s", "-1", "-B", "127.0.0.1", "-p", str(iperf_port), "--forceflush"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        assert iperf_server.stdout is not None
+        seen = b""
+        with trio.fail_after(10):
+            while b"Server listening" not in seen:
+                chunk = await iperf_server.stdout.receive_some()
+                assert chunk, f"iperf3 -s exited: {seen!r}"
+                seen += chunk
+        async with (
+            serve_target(echo_handler) as echo,
+            run_pair(tmp_path, echo, iperf_port) as pair,
+        ):
+            with trio.fail_after(30):
+                result = await trio.run_process(
+                    ["iperf3", "-c", "127.0.0.1", "-p", str(pair.forwards[iperf_port]),
+                     "-t", "2", "-J"],
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+        report = json.loads(result.stdout)
+        assert result.returncode == 0, report.get("error", result.stderr)
+        assert report["end"]["sum_received"]["bytes"] > 0
+        assert report["end"]["sum_sent"]["bytes"] > 0
+    finally:
+        if iperf_server.returncode is None:
+            iperf_server.kill()
+        with trio.CancelScope(shield=True):
+            await iperf_server.wait()
+            if iperf_server.stdout is not None:
+                await iperf_server.stdout.aclose()
+
+
+async def test_two_processes_tls_tokens_file_and_env_token(tmp_path: Path) -> None:
+    """wss:// with --tls-cert/--tls-key and a pinned --ca-file; the server reads
+    --tokens FILE and the agent takes its token from $REVDIAL_TOKEN."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert_file.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    checksum = hashlib.sha256(ca_file.read_bytes()).hexdigest()
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# key token\n\nsomeone-else other-token\n{CLIENT} {TOKEN}\n")
+    async with (
+        serve_target(echo_handler) as echo,
+        run_pair(
+            tmp_path,
+            echo,
+            scheme="wss",
+            server_extra=["--tokens", str(tokens), "--tls-cert", str(cert_file),
+                          "--tls-key", str(key_file)],
+            agent_extra=["--ca-file", str(ca_file), "--ca-checksum", checksum],
+            agent_env={"REVDIAL_TOKEN": TOKEN},
+        ) as pair,
+    ):
+        with trio.fail_after(20):
+            async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[echo]) as client:
+                await echo_roundtrip(client, b"over wss between two processes" * 1000)
+            assert await pair.agent.terminate() == 0, pair.agent.output()
+            assert await pair.server.terminate() == 0, pair.server.output()
+        assert "wss://" in pair.agent.output()
+        assert TOKEN not in pair.server.output()
+        assert TOKEN not in pair.agent.output()
