@@ -38,8 +38,6 @@ import trio.testing
 from trio_websocket import (
     ConnectionClosed,
     WebSocketConnection,
-    wrap_client_stream,
-    wrap_server_stream,
 )
 
 from revdial import Limits, Session, TunnelStream
@@ -47,6 +45,7 @@ from revdial._frames import ExtType, Frame, MessageType, decode, encode, encode_
 from revdial._limits import DEFAULT_LIMITS
 from revdial._session import ActivityStream
 from revdial._state import Role
+from revdial.testing import websocket_handshake
 
 __all__ = [
     "Pair",
@@ -166,32 +165,9 @@ async def _handshake(
     server_limits: Limits,
 ) -> tuple[WebSocketConnection, WebSocketConnection]:
     """Run the WebSocket opening handshake; return ``(server_ws, client_ws)``."""
-    client_ws: list[WebSocketConnection] = []
-    client_ready = trio.Event()
-
-    async def client_handshake() -> None:
-        client_ws.append(
-            await wrap_client_stream(
-                nursery,
-                cast("trio.SocketStream", client_stream),
-                "revdial.test",
-                "/connect",
-                max_message_size=client_limits.max_message_size,
-                receive_buffer_size=client_limits.read_size,
-            )
-        )
-        client_ready.set()
-
-    nursery.start_soon(client_handshake)
-    request = await wrap_server_stream(
-        nursery,
-        server_stream,
-        max_message_size=server_limits.max_message_size,
-        receive_buffer_size=server_limits.read_size,
+    return await websocket_handshake(
+        nursery, client_stream, server_stream, client_limits, server_limits
     )
-    server_ws = await request.accept()
-    await client_ready.wait()
-    return server_ws, client_ws[0]
 
 
 @dataclass

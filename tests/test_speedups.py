@@ -25,8 +25,11 @@ def test_installed() -> None:
 
     import revdial  # noqa: F401
 
-    assert fp.XorMaskerSimple is _speedups.FastMasker
-    assert fp.FrameProtocol._serialize_frame is _speedups.serialize_frame
+    installed: dict[str, object] = {
+        "masker": fp.XorMaskerSimple,
+        "serialize": fp.FrameProtocol._serialize_frame,
+    }
+    assert installed == {"masker": _speedups.FastMasker, "serialize": _speedups.serialize_frame}
 
 
 @given(key=st.binary(min_size=4, max_size=4), pieces=st.lists(st.binary(max_size=300)))
@@ -63,6 +66,7 @@ def test_serialize_matches_wsproto(
         decoder.receive_bytes(frame)
         decoded = decoder.process_buffer()
         assert decoded is not None
+        assert isinstance(decoded.payload, bytes | bytearray)
         assert bytes(decoded.payload) == payload
         assert decoded.message_finished == fin
         assert decoded.opcode is opcode

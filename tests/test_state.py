@@ -1031,10 +1031,16 @@ class SessionMachine(RuleBasedStateMachine):
         assert kinds(self.emitted()) == [(MessageType.CONNECT, cid)]
 
     @precondition(lambda self: bool(self.live))
-    @rule(n=st.integers(0, 100), wanted=st.one_of(st.integers(0, 12), st.just(1000)))
-    def consume(self, n: int, wanted: int) -> None:
+    @rule(
+        n=st.integers(0, 100),
+        wanted=st.one_of(st.integers(0, 12), st.just(1000)),
+        to_low_water=st.sampled_from([None, 0, 1]),
+    )
+    def consume(self, n: int, wanted: int, to_low_water: int | None) -> None:
         cid = self.pick(n, live_only=True)
-        amount = min(wanted, self.live[cid])
+        if to_low_water is not None:  # leave exactly low water (+0/+1) buffered
+            wanted = self.live[cid] - SMALL.stream_low_water - to_low_water
+        amount = max(0, min(wanted, self.live[cid]))
         paused = cid in self.pause_out
         self.state.consumed(cid, amount)
         self.live[cid] -= amount
@@ -1058,12 +1064,34 @@ class SessionMachine(RuleBasedStateMachine):
         self.now += dt
 
     # -- the peer's side
+    @rule(n=st.integers(0, 100), size=st.integers(0, 33))
+    def peer_data(self, n: int, size: int) -> None:
+        self.send_data(self.pick(n), size)
+
+    @precondition(lambda self: bool(self.live))
     @rule(
         n=st.integers(0, 100),
-        size=st.one_of(st.sampled_from([0, 1, 4, 8, 9, 23, 32]), st.integers(0, 33)),
+        level=st.sampled_from(["high", "max", "session_high", "session_max"]),
+        delta=st.sampled_from([0, 1]),
     )
-    def peer_data(self, n: int, size: int) -> None:
-        cid = self.pick(n)
+    def peer_fills_to(self, n: int, level: str, delta: int) -> None:
+        """Data bringing a stream (or the session) exactly to a threshold, or one past it."""
+        cid = self.pick(n, live_only=True)
+        if level == "high":
+            size = SMALL.stream_high_water + delta - self.live[cid]
+        elif level == "max":
+            size = SMALL.stream_max_buffer + delta - self.live[cid]
+        else:
+            # onto the emptiest stream: only the session-wide rule can pause or reset it
+            cid = min(self.live, key=lambda c: (self.live[c], c))
+            target = (
+                SMALL.session_high_water if level == "session_high" else SMALL.session_max_buffer
+            )
+            size = target + delta - sum(self.live.values())
+        if size > 0:
+            self.send_data(cid, size)
+
+    def send_data(self, cid: int, size: int) -> None:
         event = self.state.receive(msg(cid, MessageType.DATA, b"x" * size), self.now)
         frames = self.emitted()
         if cid not in self.live:

@@ -25,7 +25,7 @@ from ._limits import DEFAULT_LIMITS, Limits
 from ._session import EXTENSION_VERSION, ActivityStream, Session
 from ._state import Role
 
-__all__ = ["FakeNetwork", "echo_handler", "open_session_pair"]
+__all__ = ["FakeNetwork", "echo_handler", "open_session_pair", "websocket_handshake"]
 
 Handler = Callable[[trio.abc.Stream], Awaitable[None]]
 
@@ -77,6 +77,46 @@ class FakeNetwork:
         return ours
 
 
+async def websocket_handshake(
+    nursery: trio.Nursery,
+    client_stream: trio.abc.Stream,
+    server_stream: trio.abc.Stream,
+    client_limits: Limits = DEFAULT_LIMITS,
+    server_limits: Limits = DEFAULT_LIMITS,
+) -> tuple[WebSocketConnection, WebSocketConnection]:
+    """Run a WebSocket opening handshake over two connected streams.
+
+    Returns ``(server_ws, client_ws)``; trio-websocket's reader tasks run in
+    ``nursery``.
+    """
+    client_ws: list[WebSocketConnection] = []
+    client_ready = trio.Event()
+
+    async def client_handshake() -> None:
+        client_ws.append(
+            await wrap_client_stream(
+                nursery,
+                cast("trio.SocketStream", client_stream),
+                "revdial.test",
+                "/connect",
+                max_message_size=client_limits.max_message_size,
+                receive_buffer_size=client_limits.read_size,
+            )
+        )
+        client_ready.set()
+
+    nursery.start_soon(client_handshake)
+    request = await wrap_server_stream(
+        nursery,
+        server_stream,
+        max_message_size=server_limits.max_message_size,
+        receive_buffer_size=server_limits.read_size,
+    )
+    server_ws = await request.accept()
+    await client_ready.wait()
+    return server_ws, client_ws[0]
+
+
 @asynccontextmanager
 async def open_session_pair(
     *,
@@ -98,31 +138,9 @@ async def open_session_pair(
     client_transport = ActivityStream(client_raw)
     server_transport = ActivityStream(server_raw)
     async with trio.open_nursery() as nursery:
-        client_ws: list[WebSocketConnection] = []
-        client_ready = trio.Event()
-
-        async def client_handshake() -> None:
-            client_ws.append(
-                await wrap_client_stream(
-                    nursery,
-                    cast("trio.SocketStream", client_transport),
-                    "revdial.test",
-                    "/connect",
-                    max_message_size=client_limits.max_message_size,
-                    receive_buffer_size=client_limits.read_size,
-                )
-            )
-            client_ready.set()
-
-        nursery.start_soon(client_handshake)
-        request = await wrap_server_stream(
-            nursery,
-            server_transport,
-            max_message_size=server_limits.max_message_size,
-            receive_buffer_size=server_limits.read_size,
+        server_ws, client_ws = await websocket_handshake(
+            nursery, client_transport, server_transport, client_limits, server_limits
         )
-        server_ws = await request.accept()
-        await client_ready.wait()
         server = Session(
             server_ws,
             server_transport,
@@ -132,7 +150,7 @@ async def open_session_pair(
             extensions=extensions,
         )
         client = Session(
-            client_ws[0],
+            client_ws,
             client_transport,
             Role.CLIENT,
             client_key="client",
