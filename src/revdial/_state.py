@@ -42,6 +42,14 @@ clears it (Go's flag semantics, PROTOCOL.md 3.6); the driver's writers wait
 while it is set. Our two directions are independent: pausing the peer never
 stops our own writes (unlike Go's conflated flag, quirk 6.7).
 
+Extension v1 (``extensions >= 1``, negotiated in the handshake; never with
+a Go peer): the dialer confirms a dial with CONNECT_OK (:meth:`dial_succeeded`,
+event :class:`DialConfirmed`), and either side may half-close with
+HALF_CLOSE (:meth:`send_eof`, event :class:`PeerHalfClosed`); an id both
+sides half-closed is retired without an Error frame, and Data arriving after
+the peer's HALF_CLOSE resets that stream (:class:`Reset`). Without the
+extension those frame types are unknown and ignored, exactly as Go does.
+
 Deviations from Go, all permitted by PROTOCOL.md section 7 (MAY):
 no Error echo, no duplicate ``EOF`` (MAY 3); a refused Connect is answered
 with an Error for that id only, never a session teardown (MAY 8); fresh ids
