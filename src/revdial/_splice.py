@@ -66,8 +66,10 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
 
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(tunnel_to_local)
+            # One direction in this task, one child: a task less per stream
+            # matters when an agent holds tens of thousands of idle streams.
             nursery.start_soon(local_to_tunnel)
+            await tunnel_to_local()
     finally:
         tunnel.close_nowait(local_error)
         with trio.CancelScope(shield=True):
