@@ -26,6 +26,7 @@ from ._session import (
     ConnectHandler,
     Session,
     negotiate_extensions,
+    tune_transport,
 )
 from ._splice import splice
 from ._state import Role
@@ -310,6 +311,7 @@ class Agent:
         limits = self.limits
         with trio.fail_after(limits.handshake_timeout):
             tcp = await trio.open_tcp_stream(self._host, self._port)
+        tune_transport(tcp, limits)
         stream: trio.abc.Stream = tcp
         if self._ssl_context is not None:
             stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._host)

@@ -47,6 +47,14 @@ class Limits:
     read_size: int = 256 * KiB
     #: Data bytes queued for the WebSocket writer before senders block.
     outbox_bytes: int = 1 * MiB
+    #: Data bytes one stream may have queued for the writer: one frame waits
+    #: while another is written, so a bulk stream keeps the pipe full, but a
+    #: small frame of another stream never queues behind more than that.
+    stream_outbox_bytes: int = 256 * KiB
+    #: Unsent bytes the kernel may hold for the WebSocket's TCP socket
+    #: (TCP_NOTSENT_LOWAT, Linux). Without it the kernel queues megabytes of
+    #: bulk data ahead of everything else; 128 KiB keeps the link busy.
+    tcp_notsent_lowat: int = 128 * KiB
     #: Queued control frames (Pause, Resume, Error replies) before the session
     #: is declared stuck: a peer that stops reading while provoking replies.
     max_control_frames: int = 65536
@@ -84,7 +92,8 @@ class Limits:
             raise ValueError("need 0 < stream_low_water < stream_high_water < stream_max_buffer")
         if not 0 < self.session_high_water < self.session_max_buffer:
             raise ValueError("need 0 < session_high_water < session_max_buffer")
-        if self.max_frame_size <= 0 or self.read_size <= 0 or self.outbox_bytes <= 0:
+        if min(self.max_frame_size, self.read_size, self.outbox_bytes,
+               self.stream_outbox_bytes) <= 0:
             raise ValueError("frame, read and outbox sizes must be positive")
         if self.ping_interval <= 0 or self.ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")

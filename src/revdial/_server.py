@@ -23,6 +23,7 @@ from ._session import (
     ActivityStream,
     Session,
     negotiate_extensions,
+    tune_transport,
 )
 from ._state import Role
 from ._stream import TunnelStream
@@ -218,6 +219,7 @@ class Server:
             peer = _fmt(*tcp.socket.getpeername()[:2])
         except OSError:
             peer = "?"
+        tune_transport(tcp, self.limits)
         stream: trio.abc.Stream = tcp
         if self._ssl_context is not None:
             stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)

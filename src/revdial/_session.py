@@ -23,9 +23,11 @@ writers blocked on each other.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ __all__ = [
     "Session",
     "SessionStatistics",
     "negotiate_extensions",
+    "tune_transport",
 ]
 
 log = logging.getLogger("revdial")
@@ -98,6 +101,20 @@ def negotiate_extensions(offer: str | None, supported: int = EXTENSION_VERSION) 
     return max(0, min(version, supported))
 
 install_speedups()
+
+
+def tune_transport(stream: trio.SocketStream, limits: Limits) -> None:
+    """Keep the kernel's unsent queue of the WebSocket short (TCP_NOTSENT_LOWAT).
+
+    Frames then wait in our outbox, where a small frame of one stream is not
+    stuck behind megabytes of another's bulk data. Best effort: not every
+    platform has the option.
+    """
+    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if option is None or limits.tcp_notsent_lowat <= 0:
+        return
+    with contextlib.suppress(OSError):
+        stream.setsockopt(socket.IPPROTO_TCP, option, limits.tcp_notsent_lowat)
 
 
 class ActivityStream(trio.abc.Stream):
@@ -162,7 +179,7 @@ class Session:
         self._on_connect = on_connect
         self._streams: dict[int, TunnelStream] = {}
         self._urgent: deque[bytes] = deque()
-        self._fifo: deque[bytes | tuple[bytes, int]] = deque()
+        self._fifo: deque[bytes | tuple[bytes, int, TunnelStream]] = deque()
         self._fifo_data_bytes = 0
         self._fifo_control = 0  # Connect/Error frames queued in _fifo
         self._writer_lot = trio.lowlevel.ParkingLot()
@@ -301,12 +318,13 @@ class Session:
         while self._fifo_data_bytes >= self.limits.outbox_bytes and not self._ended:
             await self._space_lot.park()
 
-    def _queue_data(self, conn_id: int, chunk: memoryview) -> None:
+    def _queue_data(self, stream: TunnelStream, chunk: memoryview) -> None:
         """Queue one Data frame; the caller checked the stream is writable."""
-        frame = b"".join((self.state.data_header(conn_id), chunk))
+        frame = b"".join((self.state.data_header(stream.conn_id), chunk))
         n = len(chunk)
-        self._fifo.append((frame, n))
+        self._fifo.append((frame, n, stream))
         self._fifo_data_bytes += n
+        stream._queued += n
         self._writer_lot.unpark()
 
     def _flush_state(self) -> None:
@@ -464,8 +482,9 @@ class Session:
                 elif fifo:
                     item = fifo.popleft()
                     if type(item) is tuple:
-                        frame, n = item
+                        frame, n, stream = item
                         self._fifo_data_bytes -= n
+                        stream._dequeued(n)
                         self._space_lot.unpark_all()
                         await send(frame)
                     else:

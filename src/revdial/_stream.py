@@ -83,6 +83,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_peer_eof",
         "_peer_paused",
         "_peer_write_closed",
+        "_queued",
         "_received",
         "_receiving",
         "_sending",
@@ -107,6 +108,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         #: base protocol: fail the first receive if nothing arrived by then
         self._first_byte_deadline = math.inf
         self._error: BaseException | None = None  # raised once the buffer is drained
+        self._queued = 0  # our Data bytes waiting in the session's outbox
         self._closed = False  # by us
         self._peer_paused = False
         self._received = False
@@ -147,6 +149,12 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _peer_half_closed(self) -> None:
         self._peer_write_closed = True
         self._lot.unpark_all()
+
+    def _dequeued(self, nbytes: int) -> None:
+        """The writer took ``nbytes`` of our Data out of the outbox."""
+        self._queued -= nbytes
+        if self._sending:
+            self._lot.unpark_all()
 
     def _set_peer_paused(self, paused: bool) -> None:
         self._peer_paused = paused
@@ -256,13 +264,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await self._lot.park()
                     continue
                 session = self._session
+                if self._queued >= session.limits.stream_outbox_bytes:
+                    await self._lot.park()  # woken by _dequeued()
+                    continue
                 if session._fifo_data_bytes >= session.limits.outbox_bytes:
                     await session._wait_outbox_space()
                     continue  # re-check: the stream may have closed meanwhile
                 if not session.is_open:
                     raise SessionLostError(f"session to {session.client_key!r} has ended")
                 end = offset + frame_size
-                session._queue_data(self.conn_id, view[offset:end])
+                session._queue_data(self, view[offset:end])
                 offset = end
         finally:
             self._sending = False
