@@ -32,7 +32,17 @@ from ._errors import (
     StreamResetError,
     TunnelError,
 )
+from ._frontdoor import FrontDoor, UserTokens, make_kubeconfig, read_user_tokens
 from ._limits import DEFAULT_LIMITS, Limits
+from ._proxy import (
+    DEFAULT_PROXY_LIMITS,
+    PROXY_ADDRESS,
+    PROXY_PROTO,
+    PROXY_TARGET,
+    ProxyLimits,
+    ProxyStatistics,
+    ReverseProxy,
+)
 from ._server import (
     Authorizer,
     HandshakeRequest,
@@ -49,6 +59,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "DEFAULT_LIMITS",
+    "DEFAULT_PROXY_LIMITS",
+    "PROXY_ADDRESS",
+    "PROXY_PROTO",
+    "PROXY_TARGET",
     "Agent",
     "AllowPolicy",
     "Authorizer",
@@ -60,12 +74,16 @@ __all__ = [
     "DialUnreachableError",
     "Dialer",
     "FrameError",
+    "FrontDoor",
     "HalfCloseUnsupportedError",
     "HandshakeError",
     "HandshakeRequest",
     "Limits",
     "NoSuchClientError",
     "ProtocolError",
+    "ProxyLimits",
+    "ProxyStatistics",
+    "ReverseProxy",
     "RevdialError",
     "Server",
     "ServerStatistics",
@@ -76,11 +94,14 @@ __all__ = [
     "StreamResetError",
     "TunnelError",
     "TunnelStream",
+    "UserTokens",
     "connect",
     "default_dialer",
     "make_connect_handler",
+    "make_kubeconfig",
     "make_ssl_context",
     "open_server",
+    "read_user_tokens",
     "splice",
     "token_authorizer",
 ]

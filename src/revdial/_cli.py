@@ -1,4 +1,4 @@
-"""The ``revdial`` command: ``server``, ``agent`` and ``demo``."""
+"""The ``revdial`` command: ``server``, ``agent``, ``kubeconfig`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import trio
 
 from ._agent import Agent, AllowPolicy, make_ssl_context, split_host_port
 from ._errors import DialError, RevdialError, TunnelError, exception_leaves
+from ._frontdoor import FrontDoor, make_kubeconfig, read_user_tokens
+from ._proxy import PROXY_TARGET, ReverseProxy, make_upstream_ssl_context
 from ._server import Authorizer, HandshakeRequest, Server, token_authorizer
 from ._splice import splice
 
@@ -23,6 +25,7 @@ __all__ = ["Forward", "main", "parse_forward", "read_tokens_file"]
 log = logging.getLogger("revdial")
 
 TOKEN_ENV = "REVDIAL_TOKEN"
+USER_TOKEN_ENV = "REVDIAL_USER_TOKEN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,11 @@ def _build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--tls-cert", metavar="FILE", help="serve wss:// with this certificate chain")
     srv.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert")
     srv.add_argument("--path", default="/connect", help="WebSocket path (default: /connect)")
+    srv.add_argument("--http-listen", type=_listen_address, metavar="HOST:PORT",
+                     help="serve the HTTP front door here: /k8s/clusters/KEY/... and "
+                     "/client/KEY/http/HOST[:PORT]/... (HTTPS with --tls-cert/--tls-key)")
+    srv.add_argument("--user-tokens", metavar="FILE",
+                     help="front-door users: lines of 'TOKEN CLIENT_KEY[,KEY...]' or 'TOKEN *'")
 
     agt = sub.add_parser(
         "agent",
@@ -131,6 +139,35 @@ def _build_parser() -> argparse.ArgumentParser:
     agt.add_argument("--ca-file", metavar="FILE", help="trust only this CA for wss://")
     agt.add_argument("--ca-checksum", metavar="SHA256",
                      help="refuse to start unless --ca-file has this SHA-256 checksum")
+    agt.add_argument("--upstream", metavar="URL",
+                     help="serve an HTTP reverse proxy to this API server (https://HOST:PORT) "
+                     "on the reserved tunnel target tcp/revdial.proxy:0")
+    up_tls = agt.add_mutually_exclusive_group()
+    up_tls.add_argument("--upstream-ca", metavar="FILE",
+                        help="trust only this CA for the --upstream certificate")
+    up_tls.add_argument("--upstream-insecure", action="store_true",
+                        help="do not verify the --upstream certificate")
+    agt.add_argument("--upstream-token-file", metavar="FILE",
+                     help="send 'Authorization: Bearer' with this file's token to the upstream "
+                     "(replacing the caller's; re-read when the file changes)")
+
+    kcfg = sub.add_parser(
+        "kubeconfig",
+        help="print a kubeconfig for a cluster behind a server's front door",
+        description="Print a kubeconfig whose server is URL/k8s/clusters/KEY, "
+        "authenticating with a front-door user token.",
+    )
+    kcfg.add_argument("--server", required=True, metavar="URL",
+                      help="the front door, e.g. https://revdial.example:8443")
+    kcfg.add_argument("--cluster", required=True, metavar="KEY", help="the agent's client key")
+    kcfg.add_argument("--token", metavar="TOKEN",
+                      help=f"front-door user token (or set ${USER_TOKEN_ENV})")
+    kcfg.add_argument("--name", metavar="NAME", help="cluster/context name (default: KEY)")
+    kcfg_tls = kcfg.add_mutually_exclusive_group()
+    kcfg_tls.add_argument("--certificate-authority", metavar="FILE",
+                          help="CA (PEM) of an https:// front door, embedded in the kubeconfig")
+    kcfg_tls.add_argument("--insecure-skip-tls-verify", action="store_true",
+                          help="do not verify an https:// front door's certificate")
 
     demo = sub.add_parser(
         "demo",
@@ -138,6 +175,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep-running", action="store_true",
                       help="stay up after the walk-through so you can try it by hand")
+    demo.add_argument("--no-proxy", action="store_true",
+                      help="skip the HTTP part (stand-in API server, proxy and front door)")
     return parser
 
 
@@ -218,12 +257,33 @@ def _server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
 
 async def _cmd_server(args: argparse.Namespace) -> None:
     authorize = _server_authorizer(args)
-    server = Server(authorize, path=args.path, ssl_context=_server_ssl(args))
+    ssl_context = _server_ssl(args)
+    server = Server(authorize, path=args.path, ssl_context=ssl_context)
+    front_door = _front_door(args, server, ssl_context)
     host, port = args.listen
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
         for fwd in args.forward:
             await nursery.start(_serve_forward, server, fwd, server.limits.read_size)
+        if front_door is not None:
+            await nursery.start(front_door.serve, *args.http_listen)
+
+
+def _front_door(
+    args: argparse.Namespace, server: Server, ssl_context: ssl.SSLContext | None
+) -> FrontDoor | None:
+    if args.http_listen is None:
+        if args.user_tokens:
+            raise SystemExit("revdial server: --user-tokens needs --http-listen")
+        return None
+    if not args.user_tokens:
+        raise SystemExit("revdial server: refusing to serve --http-listen without "
+                         "--user-tokens FILE (lines of 'TOKEN CLIENT_KEY[,KEY...]' or 'TOKEN *')")
+    try:
+        users = read_user_tokens(args.user_tokens)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"revdial server: {exc}") from None
+    return FrontDoor(server, users, ssl_context=ssl_context)
 
 
 async def _cmd_agent(args: argparse.Namespace) -> None:
@@ -231,7 +291,7 @@ async def _cmd_agent(args: argparse.Namespace) -> None:
     headers = {"X-Tunnel-ID": args.id}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    if not args.allow and not args.allow_all:
+    if not args.allow and not args.allow_all and not args.upstream:
         log.warning("no --allow given: the server will not be able to dial anything")
     try:
         policy = AllowPolicy(args.allow, allow_all=args.allow_all)
@@ -240,14 +300,64 @@ async def _cmd_agent(args: argparse.Namespace) -> None:
             if args.ca_file or args.ca_checksum
             else None
         )
-        agent = Agent(args.server, headers=headers, allow=policy, ssl_context=ssl_context)
-    except (ValueError, OSError) as exc:
+        proxy = _reverse_proxy(args)
+        services = {PROXY_TARGET: proxy} if proxy is not None else None
+        agent = Agent(args.server, headers=headers, allow=policy, ssl_context=ssl_context,
+                      services=services)
+    except (ValueError, OSError, ssl.SSLError) as exc:
         raise SystemExit(f"revdial agent: {exc}") from None
-    await agent.run()
+    try:
+        await agent.run()
+    finally:
+        if proxy is not None:
+            with trio.CancelScope(shield=True):
+                await proxy.aclose()
+
+
+def _reverse_proxy(args: argparse.Namespace) -> ReverseProxy | None:
+    if not args.upstream:
+        if args.upstream_ca or args.upstream_insecure or args.upstream_token_file:
+            raise ValueError("--upstream-ca, --upstream-insecure and --upstream-token-file "
+                             "need --upstream")
+        return None
+    if args.upstream_insecure:
+        log.warning("--upstream-insecure: the upstream's certificate is not verified")
+    proxy = ReverseProxy(
+        args.upstream,
+        ssl_context=make_upstream_ssl_context(args.upstream_ca, insecure=args.upstream_insecure),
+        token_file=args.upstream_token_file,
+    )
+    log.info("serving an HTTP proxy to %s on %s", args.upstream, PROXY_TARGET)
+    return proxy
+
+
+def _cmd_kubeconfig(args: argparse.Namespace) -> int:
+    import base64
+
+    token = args.token or os.environ.get(USER_TOKEN_ENV)
+    if not token:
+        raise SystemExit(f"revdial kubeconfig: give --token or set ${USER_TOKEN_ENV}")
+    if not args.server.startswith(("http://", "https://")):
+        raise SystemExit("revdial kubeconfig: --server must be http://... or https://...")
+    ca_data = None
+    if args.certificate_authority:
+        try:
+            with open(args.certificate_authority, "rb") as f:
+                ca_data = base64.b64encode(f.read()).decode("ascii")
+        except OSError as exc:
+            raise SystemExit(f"revdial kubeconfig: {exc}") from None
+    sys.stdout.write(make_kubeconfig(
+        args.server, args.cluster, token, name=args.name,
+        certificate_authority_data=ca_data,
+        insecure_skip_tls_verify=args.insecure_skip_tls_verify,
+    ))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command == "kubeconfig":  # no event loop, no logging setup needed
+        return _cmd_kubeconfig(args)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,0 +1,942 @@
+"""The agent's h11 reverse proxy, on memory streams.
+
+The downstream (what the server sends through the tunnel) is one end of a
+memory stream pair; the upstream connections the proxy opens are memory
+stream pairs too (``ReverseProxy(connect=...)``), served by a scripted h11
+server in the test. Timeouts run under ``MockClock(autojump_threshold=0)``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h11
+import pytest
+import trio
+import trio.testing
+
+from revdial._proxy import (
+    PROXY_ADDRESS,
+    PROXY_TARGET,
+    ProxyLimits,
+    ReverseProxy,
+    TokenFile,
+    end_to_end_headers,
+)
+from revdial._standin import HTTPConnection
+
+KiB = 1024
+MiB = 1024 * KiB
+UPSTREAM = "https://api.example:6443"
+
+Handler = Callable[["Upstream", trio.abc.Stream], Awaitable[None]]
+
+
+@dataclass
+class Seen:
+    """A request as the upstream received it."""
+
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+
+    def get(self, name: str) -> list[str]:
+        return [v for n, v in self.headers if n == name]
+
+
+@dataclass
+class Upstream:
+    """The proxy's upstream: every connection it opens is served by ``handler``."""
+
+    handler: Handler
+    requests: list[Seen] = field(default_factory=list)
+    connections: int = 0
+    closed: int = 0
+    refuse: bool = False
+    hang: bool = False
+
+    async def serve_h11(
+        self,
+        stream: trio.abc.Stream,
+        respond: Callable[[Seen, h11.Connection], list[h11.Event]],
+        *,
+        close_after: bool = False,
+    ) -> None:
+        """A keep-alive h11 server answering each request with ``respond(seen)``."""
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            seen: Seen | None = None
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await stream.receive_some()))
+                elif isinstance(event, h11.Request):
+                    seen = Seen(
+                        event.method.decode(),
+                        event.target.decode(),
+                        [(n.decode(), v.decode()) for n, v in event.headers],
+                    )
+                elif isinstance(event, h11.Data):
+                    assert seen is not None
+                    seen.body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    return  # closed
+            assert seen is not None
+            self.requests.append(seen)
+            for ev in respond(seen, conn):
+                await stream.send_all(conn.send(ev) or b"")
+            if close_after or conn.our_state is not h11.DONE:
+                await stream.aclose()
+                return
+            conn.start_next_cycle()
+
+
+def ok(body: bytes = b"ok", headers: list[tuple[str, str]] | None = None) -> list[h11.Event]:
+    hdrs = headers if headers is not None else [("content-length", str(len(body)))]
+    return [h11.Response(status_code=200, headers=hdrs), h11.Data(data=body), h11.EndOfMessage()]
+
+
+@asynccontextmanager
+async def open_proxy(
+    handler: Handler,
+    *,
+    limits: ProxyLimits | None = None,
+    token_file: Path | None = None,
+    forwarded_for: str | None = "192.0.2.1",
+    lockstep: bool = False,
+) -> AsyncIterator[tuple[ReverseProxy, Upstream, trio.Nursery]]:
+    upstream = Upstream(handler)
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            if upstream.refuse:
+                raise OSError(errno.ECONNREFUSED, "Connection refused")
+            if upstream.hang:
+                await trio.sleep_forever()
+            pair = trio.testing.lockstep_stream_pair if lockstep else (
+                trio.testing.memory_stream_pair
+            )
+            ours, theirs = pair()
+            upstream.connections += 1
+
+            async def serve() -> None:
+                try:
+                    await handler(upstream, theirs)
+                except (trio.BrokenResourceError, trio.ClosedResourceError,
+                        h11.RemoteProtocolError):
+                    pass  # the proxy closed the connection
+                finally:
+                    upstream.closed += 1
+                    await theirs.aclose()
+
+            nursery.start_soon(serve)
+            return ours
+
+        proxy = ReverseProxy(
+            UPSTREAM,
+            connect=connect,
+            token_file=token_file,
+            forwarded_for=forwarded_for,
+            limits=limits or ProxyLimits(),
+        )
+        yield proxy, upstream, nursery
+        nursery.cancel_scope.cancel()
+
+
+def downstream(nursery: trio.Nursery, proxy: ReverseProxy, *, lockstep: bool = False
+               ) -> trio.abc.Stream:
+    """A new downstream connection (as a tunnel stream would be) served by the proxy."""
+    pair = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+    client, server_side = pair()
+    nursery.start_soon(proxy, server_side)
+    return client
+
+
+async def receive_until(stream: trio.abc.Stream, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        data = await stream.receive_some()
+        assert data, f"EOF before {marker!r}: {buf!r}"
+        buf += data
+    return buf
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    buf = bytearray()
+    while data := await stream.receive_some():
+        buf += data
+    return bytes(buf)
+
+
+async def raw_exchange(nursery: trio.Nursery, proxy: ReverseProxy, data: bytes) -> bytes:
+    """Send raw bytes, read until the proxy closes the connection."""
+    client = downstream(nursery, proxy)
+    await client.send_all(data)
+    return await read_all(client)
+
+
+async def read_request(conn: h11.Connection, stream: trio.abc.Stream) -> None:
+    """Read one request (head and body) into ``conn``."""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            conn.receive_data(bytes(await stream.receive_some()))
+
+
+async def echo_handler(up: Upstream, stream: trio.abc.Stream) -> None:
+    await up.serve_h11(stream, lambda seen, conn: ok(seen.body or b"ok"))
+
+
+# --- header rewriting -----------------------------------------------------------------
+
+
+async def test_request_headers_are_rewritten() -> None:
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy), host="front.example")
+            resp = await conn.request("GET", "/api/v1/pods?watch=1", headers=[
+                ("Connection", "keep-alive, X-Hop"),
+                ("X-Hop", "secret"),
+                ("Keep-Alive", "timeout=5"),
+                ("TE", "trailers"),
+                ("Trailer", "X-Checksum"),
+                ("Proxy-Authorization", "Basic Zm9vOmJhcg=="),
+                ("Proxy-Connection", "keep-alive"),
+                ("Upgrade", "h2c"),
+                ("X-Forwarded-For", "198.51.100.7"),
+                ("Accept", "application/json"),
+            ])
+            assert resp.status == 200
+    (seen,) = up.requests
+    assert seen.target == "/api/v1/pods?watch=1"
+    names = [n for n, _ in seen.headers]
+    for hop in ("connection", "x-hop", "keep-alive", "te", "trailer", "proxy-authorization",
+                "proxy-connection", "upgrade", "transfer-encoding"):
+        assert hop not in names
+    assert seen.get("host") == ["api.example:6443"]
+    assert seen.get("accept") == ["application/json"]
+    assert seen.get("x-forwarded-for") == ["198.51.100.7, 192.0.2.1"]
+    assert seen.get("x-forwarded-proto") == ["http"]
+    assert seen.get("x-forwarded-host") == ["front.example"]
+
+
+async def test_forwarded_headers_from_the_front_door_are_kept() -> None:
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler, forwarded_for=None) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy), host="revdial.proxy")
+            await conn.request("GET", "/", headers=[
+                ("X-Forwarded-For", "203.0.113.9"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "rancher.example"),
+            ])
+    (seen,) = up.requests
+    assert seen.get("x-forwarded-for") == ["203.0.113.9"]
+    assert seen.get("x-forwarded-proto") == ["https"]
+    assert seen.get("x-forwarded-host") == ["rancher.example"]
+
+
+async def test_token_file_replaces_authorization_and_is_reread(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler, token_file=token) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            await conn.request("GET", "/a", headers=[("Authorization", "Bearer user-token"),
+                                                     ("authorization", "Basic dXNlcg==")])
+            # Rotated as Kubernetes does: a new file swapped in atomically.
+            new = tmp_path / "token.new"
+            new.write_text("second-token-rotated\n")
+            os.replace(new, token)
+            await conn.request("GET", "/b", headers=[("Authorization", "Bearer user-token")])
+            # Rewritten in place.
+            token.write_text("third\n")
+            await conn.request("GET", "/c")
+    assert [s.get("authorization") for s in up.requests] == [
+        ["Bearer first-token"], ["Bearer second-token-rotated"], ["Bearer third"]
+    ]
+
+
+def test_token_file_keeps_last_token_when_unreadable(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("tok\n")
+    tf = TokenFile(path)
+    path.unlink()
+    assert tf.current() == "tok"
+    with pytest.raises(ValueError, match="empty or unreadable"):
+        TokenFile(tmp_path / "missing")
+
+
+async def test_without_token_file_the_callers_authorization_passes() -> None:
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            await conn.request("GET", "/", headers=[("Authorization", "Bearer x")])
+    assert up.requests[0].get("authorization") == ["Bearer x"]
+
+
+def test_end_to_end_headers_drops_what_connection_names() -> None:
+    raw = [(b"Connection", b"close, X-A"), (b"X-A", b"1"), (b"X-B", b"2"),
+           (b"Content-Length", b"3"), (b"Keep-Alive", b"x")]
+    assert end_to_end_headers(raw) == [(b"x-b", b"2")]
+    assert end_to_end_headers(raw, keep_content_length=True) == [
+        (b"x-b", b"2"), (b"content-length", b"3")]
+
+
+def test_reserved_address_can_never_be_dialled() -> None:
+    from revdial._agent import AllowPolicy, split_host_port
+
+    assert PROXY_TARGET == "tcp/revdial.proxy:0"
+    with pytest.raises(ValueError, match="port"):
+        split_host_port(PROXY_ADDRESS)
+    assert not AllowPolicy(["*:*"])("tcp", PROXY_ADDRESS)
+
+
+# --- response framing ------------------------------------------------------------------
+
+
+async def test_response_hop_by_hop_removed_and_reframed() -> None:
+    def respond(seen: Seen, conn: h11.Connection) -> list[h11.Event]:
+        return [
+            h11.Response(status_code=200, headers=[
+                ("Transfer-Encoding", "chunked"), ("Connection", "X-Resp-Hop"),
+                ("X-Resp-Hop", "1"), ("Keep-Alive", "timeout=9"), ("Trailer", "X-T"),
+                ("X-Kept", "yes"),
+            ]),
+            h11.Data(data=b"hello "),
+            h11.Data(data=b"world"),
+            h11.EndOfMessage(),
+        ]
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        await up.serve_h11(stream, respond)
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            resp = await conn.request("GET", "/")
+            assert resp.body == b"hello world"
+            assert resp.header("x-kept") == "yes"
+            assert resp.header("transfer-encoding") == "chunked"
+            for hop in ("x-resp-hop", "keep-alive", "trailer", "connection"):
+                assert resp.header(hop) is None
+            # An HTTP/1.0 client gets the same body, delimited by close.
+            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.0\r\n\r\n")
+            head, _, body = raw.partition(b"\r\n\r\n")
+            assert b"transfer-encoding" not in head.lower()
+            assert body == b"hello world"
+
+
+async def test_content_length_bodies_both_ways() -> None:
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            resp = await conn.request("PUT", "/cm", body=b"x" * 100_000)
+            assert resp.status == 200
+            assert resp.body == b"x" * 100_000
+            assert resp.header("content-length") == "100000"
+            resp = await conn.request("POST", "/empty", body=b"")
+    assert up.requests[0].get("content-length") == ["100000"]
+    assert up.requests[0].body == b"x" * 100_000
+    assert up.requests[1].get("content-length") == ["0"]
+
+
+async def test_chunked_request_body_is_streamed_chunked() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(5):
+            yield b"part-%d;" % i
+
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            resp = await conn.request("POST", "/upload", body=body())
+            assert resp.status == 200
+    (seen,) = up.requests
+    assert seen.get("transfer-encoding") == ["chunked"]
+    assert seen.get("content-length") == []
+    assert seen.body == b"part-0;part-1;part-2;part-3;part-4;"
+
+
+async def test_head_request_and_no_body_statuses() -> None:
+    def respond(seen: Seen, conn: h11.Connection) -> list[h11.Event]:
+        if seen.method == "HEAD":
+            return [h11.Response(status_code=200, headers=[("content-length", "1234")]),
+                    h11.EndOfMessage()]
+        return [h11.Response(status_code=304, headers=[]), h11.EndOfMessage()]
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        await up.serve_h11(stream, respond)
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            resp = await conn.request("HEAD", "/big")
+            assert (resp.status, resp.header("content-length"), resp.body) == (200, "1234", b"")
+            resp = await conn.request("GET", "/cached")
+            assert (resp.status, resp.body) == (304, b"")
+            assert conn.reusable
+
+
+async def test_expect_100_continue_is_forwarded() -> None:
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        body = b""
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some()))
+            elif isinstance(event, h11.Request):
+                assert conn.they_are_waiting_for_100_continue
+                interim = h11.InformationalResponse(status_code=100, headers=[])
+                await stream.send_all(conn.send(interim) or b"")
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        for ev in ok(body):
+            await stream.send_all(conn.send(ev) or b"")
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            client = downstream(nursery, proxy)
+            await client.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                                  b"Content-Length: 4\r\n\r\n")
+            interim = await receive_until(client, b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await client.send_all(b"data")
+            rest = await receive_until(client, b"data")
+            assert rest.startswith(b"HTTP/1.1 200 ")
+            assert rest.endswith(b"data")
+
+
+# --- streaming ------------------------------------------------------------------------
+
+
+async def test_chunked_response_is_forwarded_as_it_arrives() -> None:
+    """A watch: each event reaches the client while the upstream waits for more."""
+    release = [trio.Event() for _ in range(3)]
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        async def respond() -> None:
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                ("content-type", "application/json")])) or b"")
+            for i, event in enumerate(release):
+                await stream.send_all(conn.send(h11.Data(data=b'{"n": %d}\n' % i)) or b"")
+                await event.wait()
+            await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+        conn = h11.Connection(h11.SERVER)
+        await read_request(conn, stream)
+        await respond()
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            async with conn.stream_request("GET", "/watch") as (resp, chunks):
+                assert resp.header("transfer-encoding") == "chunked"
+                got = []
+                async for chunk in chunks:
+                    got.append(chunk)
+                    assert chunk == b'{"n": %d}\n' % (len(got) - 1)
+                    release[len(got) - 1].set()  # the upstream sends more only now
+            assert len(got) == 3
+
+
+async def test_request_body_is_streamed_before_it_ends() -> None:
+    first_piece = trio.Event()
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        size = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some()))
+            elif isinstance(event, h11.Data):
+                size += len(event.data)
+                first_piece.set()
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        for ev in ok(str(size).encode()):
+            await stream.send_all(conn.send(ev) or b"")
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"a" * 1000
+        await first_piece.wait()  # the upstream has it before we send the rest
+        yield b"b" * 1000
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            resp = await conn.request("POST", "/", body=body())
+            assert resp.body == b"2000"
+
+
+async def test_large_bodies_pass_with_flat_memory() -> None:
+    """32 MiB up and 32 MiB down through lockstep (unbuffered) streams."""
+    total = 32 * MiB
+    block = os.urandom(64 * KiB)
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        h = hashlib.sha256()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some(256 * KiB)))
+            elif isinstance(event, h11.Data):
+                h.update(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+            ("x-sha256", h.hexdigest()), ("content-length", str(total))])))
+        for _ in range(total // len(block)):
+            await stream.send_all(conn.send(h11.Data(data=block)) or b"")
+        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(total // len(block)):
+            yield block
+
+    expected = hashlib.sha256(block * (total // len(block))).hexdigest()
+    with trio.fail_after(30):
+        async with open_proxy(handler, lockstep=True) as (proxy, _, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy, lockstep=True))
+            tracemalloc.start()
+            try:
+                async with conn.stream_request("POST", "/", body=body(),
+                                               content_length=total) as (resp, chunks):
+                    h = hashlib.sha256()
+                    size = 0
+                    async for chunk in chunks:
+                        h.update(chunk)
+                        size += len(chunk)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+    assert resp.header("x-sha256") == expected
+    assert size == total
+    assert h.hexdigest() == expected
+    assert peak < 4 * MiB, f"peak {peak / MiB:.1f} MiB for 32 MiB each way through the proxy"
+
+
+# --- upgrade -------------------------------------------------------------------------
+
+
+async def test_upgrade_then_raw_bytes_both_ways() -> None:
+    upstream_saw_eof = trio.Event()
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some()))
+            elif isinstance(event, h11.Request):
+                up.requests.append(Seen(event.method.decode(), event.target.decode(),
+                                        [(n.decode(), v.decode()) for n, v in event.headers]))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        reply = conn.send(h11.InformationalResponse(status_code=101, headers=[
+            ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version",
+                                                                  "v4.channel.k8s.io")]))
+        await stream.send_all(reply + b"server-hello")  # first bytes in the same segment
+        early, _ = conn.trailing_data
+        while len(early) < len(b"client-early"):
+            early += await stream.receive_some()
+        assert early == b"client-early"
+        while data := await stream.receive_some():
+            await stream.send_all(b"echo:" + data)
+        upstream_saw_eof.set()
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, up, nursery):
+            client = downstream(nursery, proxy)
+            # The client's first bytes may follow the request at once.
+            await client.send_all(
+                b"POST /api/v1/namespaces/default/pods/p/exec?command=sh HTTP/1.1\r\n"
+                b"Host: front\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+                b"X-Stream-Protocol-Version: v4.channel.k8s.io\r\n\r\nclient-early"
+            )
+            buf = b""
+            while b"server-hello" not in buf:
+                buf += await client.receive_some()
+            head, _, rest = buf.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            lowered = head.lower()
+            assert b"upgrade: spdy/3.1" in lowered
+            assert b"connection: upgrade" in lowered
+            assert b"x-stream-protocol-version: v4.channel.k8s.io" in lowered
+            assert rest == b"server-hello"
+            await client.send_all(b"ping")
+            assert await client.receive_some() == b"echo:ping"
+            await client.aclose()
+            await upstream_saw_eof.wait()
+    (seen,) = up.requests
+    assert seen.get("upgrade") == ["SPDY/3.1"]
+    assert seen.get("connection") == ["upgrade"]
+    assert seen.get("x-stream-protocol-version") == ["v4.channel.k8s.io"]
+
+
+async def test_upgrade_refused_by_upstream_is_a_normal_response() -> None:
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        await up.serve_h11(stream, lambda seen, conn: [
+            h11.Response(status_code=403, headers=[("content-length", "6")]),
+            h11.Data(data=b"denied"), h11.EndOfMessage()])
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, b"GET /ws HTTP/1.1\r\nHost: a\r\n"
+                                     b"Connection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n")
+            assert raw.startswith(b"HTTP/1.1 403 ")
+            assert raw.endswith(b"denied")
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+async def never_called(up: Upstream, stream: trio.abc.Stream) -> None:
+    raise AssertionError("the upstream must not be contacted")
+
+
+def status_of(raw: bytes) -> int:
+    assert raw.startswith(b"HTTP/1.1 "), raw[:100]
+    return int(raw[9:12])
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", 400, id="not-http"),
+        pytest.param(b"GET / HTTP/1.1\r\n\r\n", 400, id="no-host"),
+        pytest.param(b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n", 400, id="bad-name"),
+        pytest.param(b"GET example.com HTTP/1.1\r\nHost: a\r\n\r\n", 400, id="bad-target"),
+        pytest.param(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405, id="connect"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+                     id="unknown-coding"),
+        pytest.param(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"zz\r\nxx\r\n0\r\n\r\n", 400, id="bad-chunk"),
+    ],
+)
+async def test_malformed_requests(request_bytes: bytes, status: int) -> None:
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        await up.serve_h11(stream, lambda seen, conn: ok())
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, request_bytes)
+    assert status_of(raw) == status
+    assert b"connection: close" in raw.lower()
+    assert raw.endswith(b"\n")  # a short text body, then the connection closed
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        pytest.param(b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", id="cl-te"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", id="te-cl"),
+        pytest.param(b"Content-Length: 5\r\nContent-Length: 5\r\n", id="duplicate-cl-same"),
+        pytest.param(b"Content-Length: 5\r\nContent-Length: 6\r\n", id="duplicate-cl-differ"),
+        pytest.param(b"Content-Length: 5, 5\r\n", id="cl-list"),
+        pytest.param(b"content-length: 5\r\nTransfer-Encoding: identity, chunked\r\n",
+                     id="cl-te-list"),
+    ],
+)
+async def test_request_smuggling_is_refused(framing: bytes) -> None:
+    request = (b"POST /a HTTP/1.1\r\nHost: a\r\n" + framing + b"\r\n"
+               b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+    with trio.fail_after(10):
+        async with open_proxy(never_called) as (proxy, up, nursery):
+            raw = await raw_exchange(nursery, proxy, request)
+    assert status_of(raw) == 400
+    assert up.connections == 0
+    assert raw.count(b"HTTP/1.1") == 1  # nothing after the refusal was served
+
+
+async def test_headers_too_large_431() -> None:
+    limits = ProxyLimits(max_header_bytes=8 * KiB)
+    with trio.fail_after(10):
+        async with open_proxy(never_called, limits=limits) as (proxy, up, nursery):
+            raw = await raw_exchange(
+                nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+            )
+            assert status_of(raw) == 431
+            # Also when the head never ends.
+            client = downstream(nursery, proxy)
+            await client.send_all(b"GET / HTTP/1.1\r\nX-Endless: " + b"b" * 20_000)
+            assert status_of(await read_all(client)) == 431
+    assert up.connections == 0
+
+
+async def test_upstream_refused_502() -> None:
+    with trio.fail_after(10):
+        async with open_proxy(never_called) as (proxy, up, nursery):
+            up.refuse = True
+            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status_of(raw) == 502
+    assert b"unreachable" in raw
+    assert b"onnection refused" in raw
+
+
+async def test_upstream_connect_timeout_504(autojump_clock: trio.testing.MockClock) -> None:
+    limits = ProxyLimits(connect_timeout=7)
+    async with open_proxy(never_called, limits=limits) as (proxy, up, nursery):
+        up.hang = True
+        start = trio.current_time()
+        raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert trio.current_time() - start == pytest.approx(7)
+    assert status_of(raw) == 504
+
+
+async def test_upstream_response_timeout_504(autojump_clock: trio.testing.MockClock) -> None:
+    async def silent(up: Upstream, stream: trio.abc.Stream) -> None:
+        await trio.sleep_forever()
+
+    limits = ProxyLimits(response_timeout=42)
+    async with open_proxy(silent, limits=limits) as (proxy, _, nursery):
+        start = trio.current_time()
+        raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert trio.current_time() - start == pytest.approx(42)
+        assert proxy.statistics().active_requests == 0
+    assert status_of(raw) == 504
+
+
+@pytest.mark.parametrize("reply", [b"", b"NOT HTTP\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent"])
+async def test_broken_upstream_502(reply: bytes) -> None:
+    async def broken(up: Upstream, stream: trio.abc.Stream) -> None:
+        await stream.receive_some()
+        if reply:
+            await stream.send_all(reply)
+
+    with trio.fail_after(10):
+        async with open_proxy(broken) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert status_of(raw) == 502
+
+
+async def test_upstream_answering_before_the_body_ends() -> None:
+    """A 413 sent before reading the upload reaches the client intact."""
+
+    async def early(up: Upstream, stream: trio.abc.Stream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n"
+                              b"Connection: close\r\n\r\ntoo big\n")
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield b"x" * (64 * KiB)
+
+    with trio.fail_after(10):
+        async with open_proxy(early) as (proxy, _, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            resp = await conn.request("POST", "/upload", body=body())
+    assert (resp.status, resp.body) == (413, b"too big\n")
+
+
+async def test_upstream_failing_mid_response_closes_downstream() -> None:
+    async def truncating(up: Upstream, stream: trio.abc.Stream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this")
+
+    with trio.fail_after(10):
+        async with open_proxy(truncating) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert raw.endswith(b"only-this")  # short of Content-Length: the client can tell
+
+
+# --- keep-alive and the pool --------------------------------------------------------
+
+
+async def test_upstream_connections_are_reused_across_requests_and_streams() -> None:
+    with trio.fail_after(10):
+        async with open_proxy(echo_handler) as (proxy, up, nursery):
+            for _ in range(3):
+                conn = HTTPConnection(downstream(nursery, proxy))
+                for _ in range(3):
+                    assert (await conn.request("GET", "/")).status == 200
+                await conn.aclose()
+            stats = proxy.statistics()
+    assert up.connections == 1
+    assert (stats.requests, stats.connections_opened, stats.idle_connections) == (9, 1, 1)
+
+
+async def test_pool_is_bounded() -> None:
+    gate = trio.Event()
+
+    async def slow(up: Upstream, stream: trio.abc.Stream) -> None:
+        async def wait_then_ok(seen: Seen, conn: h11.Connection) -> None:
+            await gate.wait()
+
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    data = await stream.receive_some()
+                    if not data:
+                        return
+                    conn.receive_data(bytes(data))
+            await gate.wait()
+            for ev in ok():
+                await stream.send_all(conn.send(ev) or b"")
+            conn.start_next_cycle()
+
+    limits = ProxyLimits(max_idle_connections=2)
+    with trio.fail_after(10):
+        async with open_proxy(slow, limits=limits) as (proxy, up, nursery):
+            results: list[int] = []
+
+            async def one() -> None:
+                conn = HTTPConnection(downstream(nursery, proxy))
+                results.append((await conn.request("GET", "/")).status)
+
+            async with trio.open_nursery() as inner:
+                for _ in range(5):
+                    inner.start_soon(one)
+                await trio.testing.wait_all_tasks_blocked()
+                assert proxy.statistics().active_requests == 5
+                gate.set()
+            assert results == [200] * 5
+            await trio.testing.wait_all_tasks_blocked()
+            stats = proxy.statistics()
+            assert (stats.connections_opened, stats.idle_connections) == (5, 2)
+            assert up.closed == 3
+            await proxy.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+            assert proxy.statistics().idle_connections == 0
+            assert up.closed == 5
+
+
+async def test_dead_pooled_connection_is_retried_for_requests_without_body() -> None:
+    async def one_shot(up: Upstream, stream: trio.abc.Stream) -> None:
+        # Answers one request, keeps the connection "alive" per HTTP, then
+        # closes it -- as a server closing an idle keep-alive connection.
+        await up.serve_h11(stream, lambda seen, conn: ok(), close_after=True)
+
+    with trio.fail_after(10):
+        async with open_proxy(one_shot) as (proxy, up, nursery):
+            conn = HTTPConnection(downstream(nursery, proxy))
+            assert (await conn.request("GET", "/1")).status == 200
+            await trio.testing.wait_all_tasks_blocked()
+            assert (await conn.request("DELETE", "/2")).status == 200
+    assert up.connections == 2
+    assert [s.target for s in up.requests] == ["/1", "/2"]
+
+
+async def test_pooled_connections_expire(autojump_clock: trio.testing.MockClock) -> None:
+    limits = ProxyLimits(pool_idle_timeout=30)
+    async with open_proxy(echo_handler, limits=limits) as (proxy, up, nursery):
+        conn = HTTPConnection(downstream(nursery, proxy))
+        await conn.request("GET", "/")
+        await trio.sleep(29)
+        await conn.request("GET", "/")
+        assert up.connections == 1
+        await trio.sleep(31)
+        await conn.request("GET", "/")
+        assert up.connections == 2
+
+
+async def test_idle_downstream_is_closed(autojump_clock: trio.testing.MockClock) -> None:
+    limits = ProxyLimits(idle_timeout=90)
+    async with open_proxy(echo_handler, limits=limits) as (proxy, _, nursery):
+        client = downstream(nursery, proxy)
+        start = trio.current_time()
+        assert await read_all(client) == b""
+        assert trio.current_time() - start == pytest.approx(90)
+
+
+async def test_client_going_away_cancels_the_upstream_request() -> None:
+    """A watch whose client disconnects must not stay open upstream."""
+    upstream_closed = trio.Event()
+
+    async def watch(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await read_request(conn, stream)
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[])) or b"")
+        await stream.send_all(conn.send(h11.Data(data=b"event\n")) or b"")
+        assert await stream.receive_some() == b""  # the proxy closed it
+        upstream_closed.set()
+
+    with trio.fail_after(10):
+        async with open_proxy(watch) as (proxy, _, nursery):
+            client = downstream(nursery, proxy)
+            await client.send_all(b"GET /watch HTTP/1.1\r\nHost: a\r\n\r\n")
+            await receive_until(client, b"event")
+            await client.aclose()
+            await upstream_closed.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = proxy.statistics()
+            assert (stats.active_requests, stats.idle_connections) == (0, 0)
+
+
+async def test_cancellation_leaves_statistics_at_zero() -> None:
+    async def silent(up: Upstream, stream: trio.abc.Stream) -> None:
+        while await stream.receive_some():  # never answers; returns once closed
+            pass
+
+    with trio.fail_after(10):
+        async with open_proxy(silent) as (proxy, up, _):
+            client, server_side = trio.testing.memory_stream_pair()
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(proxy, server_side)
+                    await client.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert proxy.statistics().active_requests == 1
+                    scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = proxy.statistics()
+            assert (stats.active_requests, stats.idle_connections) == (0, 0)
+            assert up.closed == 1
+            assert await read_all(client) == b""
+
+
+# --- how the bytes arrive -------------------------------------------------------------
+
+PIPELINED = (
+    b"POST /one HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+    b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n"
+    b"POST /three HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"2\r\nxy\r\n0\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("mode", ["whole", "byte-by-byte"])
+async def test_requests_whole_byte_by_byte_and_pipelined(mode: str) -> None:
+    with trio.fail_after(20):
+        async with open_proxy(echo_handler) as (proxy, up, nursery):
+            client = downstream(nursery, proxy)
+            if mode == "whole":
+                await client.send_all(PIPELINED)
+            else:
+                for i in range(len(PIPELINED)):
+                    await client.send_all(PIPELINED[i:i + 1])
+            conn = h11.Connection(h11.CLIENT)
+            # Parse the three answers with a client that "sent" the same requests.
+            conn.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+            conn.send(h11.EndOfMessage())
+            bodies: list[bytes] = []
+            body = b""
+            while len(bodies) < 3:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await client.receive_some()))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    bodies.append(body)
+                    body = b""
+                    conn.start_next_cycle()
+                    if len(bodies) < 3:
+                        conn.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+                        conn.send(h11.EndOfMessage())
+    assert bodies == [b"abc", b"ok", b"xy"]
+    assert [s.target for s in up.requests] == ["/one", "/two", "/three"]
