@@ -1,76 +1,144 @@
-"""Bulk throughput: iperf3 through ``revdial server --forward`` versus plain loopback.
+"""Bulk throughput: iperf3 through ``revdial server --forward`` and every baseline.
 
-Runs A (plain) and B (tunnel) interleaved, ``--repeat`` times each, and reports
-medians and the ratio B/A. Needs Debian's ``iperf3``.
+Paths (see ``benchmarks/_tunnels.py``): plain loopback, the bare trio TCP relay,
+the bare trio-websocket pipe, OpenSSH ``ssh -R`` (when sshd is installed) and
+revdial's CLI. Directions: ``fwd`` = iperf3 client -> server side -> agent side
+(the WebSocket server sends, unmasked), ``rev`` = ``iperf3 -R`` (the agent sends,
+masked). All paths stay up for the whole run; every round runs each path once
+per configuration (A B C ... then reversed, so no path always goes first), and
+the figure is the median over ``--repeat`` rounds. Ratios are medians of the
+per-round ratios revdial / baseline.
 
-    python -m benchmarks.iperf [--seconds 5] [--repeat 3] [--parallel 1] [--reverse]
+    python -m benchmarks.iperf [--seconds 5] [--repeat 3] [--parallel 1 8]
+                               [--direction fwd rev] [--paths ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
+import contextlib
 import sys
 
-from ._util import free_port, median, revdial_cmd, running, save, wait_listening, wait_output
+from ._tunnels import DESCRIPTIONS, open_tunnel, ssh_unavailable
+from ._util import (
+    LOOPBACK,
+    cpu_seconds,
+    free_port,
+    have_iperf3,
+    iperf,
+    log,
+    median,
+    ratio,
+    running,
+    save,
+    table,
+    wait_listening,
+)
 
-
-def iperf(port: int, seconds: float, parallel: int, reverse: bool) -> float:
-    cmd = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J",
-           "-P", str(parallel)]
-    if reverse:
-        cmd.append("-R")
-    out = subprocess.run(cmd, capture_output=True, check=False, timeout=seconds + 30)
-    if out.returncode != 0 or not out.stdout:
-        raise RuntimeError(f"iperf3 failed: {out.stdout[-500:]!r} {out.stderr[-500:]!r}")
-    try:
-        result = json.loads(out.stdout)
-    except ValueError:
-        raise RuntimeError(f"iperf3 printed no JSON: {out.stdout[:300]!r}") from None
-    if "error" in result:
-        raise RuntimeError(f"iperf3: {result['error']}")
-    return float(result["end"]["sum_received"]["bits_per_second"]) / 1e9
+ALL_PATHS = ["plain", "relay", "wspipe", "ssh", "revdial"]
+BASELINES = ["plain", "relay", "wspipe", "ssh"]
+#: Experiments, only with --paths: the revdial CLI with glibc's malloc tuned
+#: (what PERFORMANCE.md measured for the ws pipe; revdial itself is always
+#: measured as shipped, without it).
+MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "67108864"}
+EXPERIMENTS: dict[str, tuple[str, dict[str, object]]] = {
+    "revdial-malloc": ("revdial", {"env": MALLOC_TUNED}),
+    "wspipe-malloc": ("wspipe", {"env": MALLOC_TUNED}),
+    # revdial through the library (benchmarks.revdial_forward), default Limits
+    # or without TCP_NOTSENT_LOWAT on the WebSocket socket.
+    "revdial-lib": ("revdial-lib", {}),
+    "revdial-no-lowat": ("revdial-lib", {"limits": {"tcp_notsent_lowat": 0}}),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--reverse", action="store_true", help="agent -> server direction")
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--direction", nargs="+", choices=["fwd", "rev"], default=["fwd", "rev"])
+    parser.add_argument("--paths", nargs="+", choices=[*ALL_PATHS, *EXPERIMENTS],
+                        default=ALL_PATHS)
+    parser.add_argument("--name", default="iperf", help="results/<name>.json")
     args = parser.parse_args(argv)
-    if shutil.which("iperf3") is None:
+    if not have_iperf3():
         print("iperf3 is not installed (apt-get install iperf3)", file=sys.stderr)
         return 2
-    target, listen, fwd = free_port(), free_port(), free_port()
-    token = "bench-token"
-    with running(["iperf3", "-s", "-p", str(target)]), running(
-        revdial_cmd("server", "--listen", f"127.0.0.1:{listen}", "--token", token,
-                    "--forward", f"127.0.0.1:{fwd}=bench/127.0.0.1:{target}", log_level="info")
-    ) as server, running(
-        revdial_cmd("agent", "--server", f"ws://127.0.0.1:{listen}/connect", "--id", "bench",
-                    "--token", token, "--allow", f"127.0.0.1:{target}")
-    ):
+    paths = list(args.paths)
+    skipped: dict[str, str] = {}
+    if "ssh" in paths and (why := ssh_unavailable()):
+        print(f"skipping ssh -R: {why}", file=sys.stderr)
+        skipped["ssh"] = why
+        paths.remove("ssh")
+    configs = [(d, p) for p in args.parallel for d in args.direction]
+    gbps: dict[str, dict[str, list[float]]] = {f"{d}-P{p}": {k: [] for k in paths}
+                                              for d, p in configs}
+    cpu: dict[str, dict[str, list[float]]] = {f"{d}-P{p}": {k: [] for k in paths}
+                                             for d, p in configs}
+    target = free_port()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(running(["iperf3", "-s", "-p", str(target), "-B", LOOPBACK]))
         wait_listening(target)
-        wait_output(server, "client 'bench' connected")
-        wait_listening(fwd)
-        plain: list[float] = []
-        tunnel: list[float] = []
-        for _ in range(args.repeat):
-            plain.append(iperf(target, args.seconds, args.parallel, args.reverse))
-            tunnel.append(iperf(fwd, args.seconds, args.parallel, args.reverse))
-    direction = "rev (agent->server)" if args.reverse else "fwd (server->agent)"
-    a, b = median(plain), median(tunnel)
-    print(f"iperf3 {direction}, -P {args.parallel}, {args.seconds:g} s x {args.repeat}")
-    print(f"  plain loopback : {a:7.2f} Gbit/s  (runs: {', '.join(f'{x:.2f}' for x in plain)})")
-    print(f"  revdial forward: {b:7.2f} Gbit/s  (runs: {', '.join(f'{x:.2f}' for x in tunnel)})")
-    print(f"  ratio          : {b / a:.3f}")
-    save(
-        f"iperf-{'rev' if args.reverse else 'fwd'}-P{args.parallel}",
-        {"plain_gbps": plain, "tunnel_gbps": tunnel, "ratio": b / a, "args": vars(args)},
-    )
+        tunnels = {}
+        for k in paths:
+            kind, kw = EXPERIMENTS.get(k, (k, {}))
+            tunnels[k] = stack.enter_context(open_tunnel(kind, [target], **kw))
+        for rnd in range(args.repeat):
+            for d, p in configs:
+                order = paths if rnd % 2 == 0 else paths[::-1]
+                for k in order:
+                    t = tunnels[k]
+                    t.check_alive()
+                    before = sum(cpu_seconds(pid) for pid in t.pids.values())
+                    g = iperf(t.ports[0], args.seconds, p, d == "rev")
+                    used = sum(cpu_seconds(pid) for pid in t.pids.values()) - before
+                    gbps[f"{d}-P{p}"][k].append(g)
+                    # CPU seconds of the tunnel processes per GB carried.
+                    cpu[f"{d}-P{p}"][k].append(used / (g * args.seconds / 8) if g else 0.0)
+                    log(f"round {rnd + 1}/{args.repeat} {d} -P{p} {k:8s} {g:6.2f} Gbit/s")
+    results: dict[str, object] = {}
+    rows = []
+    shown = [k for k in [*ALL_PATHS, *EXPERIMENTS] if k in paths]
+    for d, p in configs:
+        name = f"{d}-P{p}"
+        runs = gbps[name]
+        med = {k: median(v) for k, v in runs.items()}
+        ratios: dict[str, float] = {}
+        if "revdial" in runs:
+            for b in BASELINES:
+                if b in runs:
+                    ratios[b] = median([ratio(r, x) for r, x in
+                                        zip(runs["revdial"], runs[b], strict=True)])
+        results[name] = {
+            "gbps": runs,
+            "median_gbps": med,
+            "revdial_ratio": ratios,
+            "cpu_s_per_gb": {k: median(v) for k, v in cpu[name].items()},
+        }
+        rows.append([d, p, *(med.get(k, float("nan")) for k in shown),
+                     *(ratios.get(b, float("nan")) for b in BASELINES)])
+    targets: dict[str, object] = {}
+    for d in args.direction:
+        one = results.get(f"{d}-P1")
+        eight = results.get(f"{d}-P8")
+        if isinstance(one, dict) and "wspipe" in one["revdial_ratio"]:
+            r = one["revdial_ratio"]["wspipe"]
+            targets[f"bulk {d} P1 >= 0.60 x wspipe"] = {"value": r, "met": r >= 0.6}
+        if isinstance(one, dict) and isinstance(eight, dict) and "revdial" in one["gbps"]:
+            r = median([ratio(a, b) for a, b in zip(eight["gbps"]["revdial"],
+                                                      one["gbps"]["revdial"], strict=True)])
+            targets[f"bulk {d} P8 >= P1"] = {"value": r, "met": r >= 1.0}
+    headers = ["dir", "-P", *shown, *(f"rd/{b}" for b in BASELINES)]
+    print(f"iperf3 {args.seconds:g} s x {args.repeat} rounds, Gbit/s (median) and revdial ratios")
+    print(table(headers, rows))
+    for name, tgt in targets.items():
+        assert isinstance(tgt, dict)
+        print(f"  target {name}: {tgt['value']:.2f} {'MET' if tgt['met'] else 'MISSED'}")
+    for k, why in skipped.items():
+        print(f"  skipped {k}: {why}")
+    save(args.name, {"args": vars(args), "paths": {k: DESCRIPTIONS.get(k, k) for k in paths},
+                   "skipped": skipped, "results": results, "targets": targets})
     return 0
 
 
