@@ -67,6 +67,18 @@ __all__ = [
 KiB = 1024
 MiB = 1024 * KiB
 
+#: Small limits, so flow control engages after a few frames.
+SMALL_LIMITS = Limits(
+    stream_low_water=16 * KiB,
+    stream_high_water=64 * KiB,
+    stream_max_buffer=1 * MiB,
+    session_high_water=4 * MiB,
+    session_max_buffer=8 * MiB,
+    max_frame_size=16 * KiB,
+    read_size=16 * KiB,
+    outbox_bytes=64 * KiB,
+)
+
 Behaviour = Callable[[TunnelStream], Awaitable[None]]
 
 

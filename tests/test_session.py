@@ -51,6 +51,7 @@ from revdial._limits import DEFAULT_LIMITS
 from revdial._state import CLIENT_FIRST_CONN_ID, OVERRUN_TEXT
 from revdial.testing import echo_handler
 from session_pairs import (
+    SMALL_LIMITS,
     KiB,
     MiB,
     Pair,
@@ -72,17 +73,7 @@ CLOSE_TIMEOUT = DEFAULT_LIMITS.close_timeout
 SYNC_INTERVAL = DEFAULT_LIMITS.sync_interval
 SYNC_GRACE = DEFAULT_LIMITS.sync_grace
 
-#: Small limits, so flow control engages after a few frames.
-SMALL = Limits(
-    stream_low_water=16 * KiB,
-    stream_high_water=64 * KiB,
-    stream_max_buffer=1 * MiB,
-    session_high_water=4 * MiB,
-    session_max_buffer=8 * MiB,
-    max_frame_size=16 * KiB,
-    read_size=16 * KiB,
-    outbox_bytes=64 * KiB,
-)
+SMALL = SMALL_LIMITS
 
 ZERO = SessionStatistics(streams=0, buffered_bytes=0, outbox_bytes=0, outbox_frames=0)
 

@@ -27,20 +27,11 @@ import trio
 import trio.testing
 
 import revdial
-from revdial import Limits, TunnelStream
+from revdial import TunnelStream
 from revdial._frames import MessageType
-from session_pairs import KiB, MiB, Pair, open_pair
+from session_pairs import SMALL_LIMITS, Pair, open_pair
 
-LIMITS = Limits(
-    stream_low_water=16 * KiB,
-    stream_high_water=64 * KiB,
-    stream_max_buffer=1 * MiB,
-    session_high_water=4 * MiB,
-    session_max_buffer=8 * MiB,
-    max_frame_size=16 * KiB,
-    read_size=16 * KiB,
-    outbox_bytes=64 * KiB,
-)
+LIMITS = SMALL_LIMITS
 #: Virtual seconds any one check may take; a hang becomes TooSlowError.
 CHECK_TIMEOUT = 600
 

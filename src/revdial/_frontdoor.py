@@ -59,7 +59,6 @@ import os
 import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
 from urllib.parse import unquote
 
 import trio
@@ -86,7 +85,7 @@ from ._proxy import (
     _describe,
     with_forwarded,
 )
-from ._server import Server
+from ._server import Server, bound_addresses
 
 __all__ = ["ALL_CLIENTS", "FrontDoor", "UserTokens", "make_kubeconfig", "read_user_tokens"]
 
@@ -229,9 +228,7 @@ class FrontDoor:
     ) -> None:
         """Listen on ``host:port`` and serve users until cancelled."""
         listeners = await trio.open_tcp_listeners(port, host=host)
-        self.addresses = [
-            cast("tuple[str, int]", tuple(lst.socket.getsockname()[:2])) for lst in listeners
-        ]
+        self.addresses = bound_addresses(listeners)
         scheme = "https" if self._ssl_context else "http"
         log.info("front door on %s",
                  ", ".join(f"{scheme}://{_fmt(h, p)}" for h, p in self.addresses))

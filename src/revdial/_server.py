@@ -204,9 +204,7 @@ class Server:
     ) -> None:
         """Listen on ``host:port`` and serve agents until cancelled."""
         listeners = await trio.open_tcp_listeners(port, host=host)
-        self.addresses = [
-            cast("tuple[str, int]", tuple(lst.socket.getsockname()[:2])) for lst in listeners
-        ]
+        self.addresses = bound_addresses(listeners)
         log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.addresses))
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
@@ -335,6 +333,11 @@ class Server:
                 del self._sessions[session.client_key]
         self._changed.set()
         self._changed = trio.Event()
+
+
+def bound_addresses(listeners: list[trio.SocketListener]) -> list[tuple[str, int]]:
+    """``(host, port)`` each listener is bound to (after binding port 0)."""
+    return [cast("tuple[str, int]", tuple(lst.socket.getsockname()[:2])) for lst in listeners]
 
 
 def _fmt(host: str, port: int) -> str:
