@@ -8,6 +8,7 @@ Kinds:
 * ``wspipe``: the bare trio-websocket pipe, one WebSocket per connection
   (``benchmarks.baselines ws-server`` / ``ws-client``).
 * ``revdial``: ``revdial server --forward`` + ``revdial agent``, the CLI as shipped.
+* ``revdial-base``: the CLI of an older checkout (``$REVDIAL_BASE_SRC``), for A/B.
 * ``revdial-lib``: the same through the library (``benchmarks.revdial_forward``),
   for a frame size or ``extensions=False`` the CLI does not expose.
 * ``ssh``: ``ssh -R`` through a private sshd on 127.0.0.1 (OpenSSH defaults; a
@@ -39,8 +40,22 @@ DESCRIPTIONS = {
     "wspipe": "bare trio-websocket pipe, 1 WS per connection",
     "revdial": "revdial CLI (server --forward + agent)",
     "revdial-noext": "revdial, agent extensions=False (plain remotedialer)",
+    "revdial-base": "revdial CLI of an older checkout ($REVDIAL_BASE_SRC)",
     "ssh": "OpenSSH ssh -R (private sshd)",
 }
+
+
+def base_env() -> dict[str, str]:
+    """Environment that runs an older revdial: ``REVDIAL_BASE_SRC`` = its ``src`` dir.
+
+    The ``revdial-base`` path is the CLI of that checkout (for example
+    ``git worktree add /tmp/base HEAD~3``), so a change is measured against
+    the code before it in one interleaved run.
+    """
+    src = os.environ.get("REVDIAL_BASE_SRC")
+    if not src or not os.path.isdir(os.path.join(src, "revdial")):
+        raise RuntimeError("revdial-base needs REVDIAL_BASE_SRC=<older checkout>/src")
+    return {"PYTHONPATH": src}
 
 
 def ssh_unavailable() -> str | None:
@@ -83,6 +98,8 @@ def open_tunnel(
     log_level: str = "warning",
 ) -> Iterator[Tunnel]:
     """Start ``kind`` forwarding a fresh loopback port to each target port."""
+    if kind == "revdial-base":
+        kind, env = "revdial", {**(env or {}), **base_env()}
     with contextlib.ExitStack() as stack:
 
         def start(role: str, cmd: Sequence[str]) -> Proc:

@@ -41,8 +41,9 @@ PATHS = {
     "ssh": ("ssh", {}),
     "revdial": ("revdial", {}),
     "revdial-noext": ("revdial-lib", {"extensions": False}),
+    "revdial-base": ("revdial-base", {}),
 }
-REVDIAL = ["revdial", "revdial-noext"]
+REVDIAL = ["revdial", "revdial-noext", "revdial-base"]
 BASELINES = ["plain", "relay", "ssh"]
 
 
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS),
+                        default=[k for k in PATHS if k != "revdial-base"],
+                        help="revdial-base: an older checkout, REVDIAL_BASE_SRC=<it>/src")
     args = parser.parse_args(argv)
     paths = list(args.paths)
     skipped: dict[str, str] = {}

@@ -44,6 +44,7 @@ BASELINES = ["plain", "relay", "wspipe", "ssh"]
 #: Experiments, only with --paths: revdial through the library
 #: (benchmarks.revdial_forward) with one of its Limits changed on both sides.
 EXPERIMENTS: dict[str, tuple[str, dict[str, object]]] = {
+    "revdial-base": ("revdial-base", {}),
     "revdial-lib": ("revdial-lib", {}),
     "revdial-no-lowat": ("revdial-lib", {"limits": {"tcp_notsent_lowat": 0}}),
     "revdial-64k-frames": ("revdial-lib", {"msg_size": 64 * 1024}),

@@ -42,6 +42,7 @@ BASELINES = ["plain", "relay", "wspipe", "ssh"]
 #: measured as shipped, without it).
 MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 EXPERIMENTS: dict[str, tuple[str, dict[str, object]]] = {
+    "revdial-base": ("revdial-base", {}),
     "revdial-malloc": ("revdial", {"env": MALLOC_TUNED}),
     "wspipe-malloc": ("wspipe", {"env": MALLOC_TUNED}),
     # revdial through the library (benchmarks.revdial_forward), default Limits

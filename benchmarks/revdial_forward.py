@@ -117,7 +117,7 @@ async def run_server(args: argparse.Namespace) -> None:
     ) -> Callable[[trio.SocketStream], Awaitable[None]]:
         async def handle(local: trio.SocketStream) -> None:
             try:
-                tunnel = await server.dial(KEY, "tcp", target)
+                tunnel = await server.dial(KEY, "tcp", target, wait=False)
             except revdial.DialError as exc:
                 log.warning("dial %s: %s", target, exc)
                 await trio.aclose_forcefully(local)

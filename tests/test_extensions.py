@@ -251,6 +251,65 @@ async def test_cancelled_confirmed_dial_leaves_no_entry(
         assert client.statistics().streams == 0
 
 
+async def test_early_data_follows_the_connect_before_confirmation(
+    autojump_clock: trio.testing.MockClock, net: FakeNetwork
+) -> None:
+    """``wait=False``: the first bytes travel behind the Connect, before CONNECT_OK."""
+    release = trio.Event()
+
+    async def slow_dial(proto: str, address: str) -> trio.abc.Stream:
+        await release.wait()
+        return await net.dial(proto, address)
+
+    async with open_session_pair(allow=ALLOW, dialer=slow_dial) as (server, client):
+        stream = await server.dial(server.open_stream("tcp", "10.0.0.5:80"), 35.0, wait=False)
+        await stream.send_all(b"hello")
+        await trio.testing.wait_all_tasks_blocked()
+        # The agent is still dialling, and already holds the bytes.
+        assert client.statistics().buffered_bytes == 5
+        release.set()
+        assert await stream.receive_some() == b"hello"
+        await stream.aclose()
+
+
+async def test_early_data_dial_failure_surfaces_from_receive(
+    autojump_clock: trio.testing.MockClock, net: FakeNetwork
+) -> None:
+    async with open_session_pair(allow=ALLOW, dialer=net.dial) as (server, client):
+        stream = await server.dial(server.open_stream("tcp", "10.0.0.6:80"), 35.0, wait=False)
+        await stream.send_all(b"lost")  # dropped by the agent: nothing to deliver it to
+        with pytest.raises(revdial.DialConnectionRefusedError):
+            await stream.receive_some()
+        stream = await server.dial(server.open_stream("tcp", "10.0.0.7:80"), 35.0, wait=False)
+        with pytest.raises(revdial.DialRefusedError):
+            await stream.receive_some()
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.statistics().streams == 0
+        assert client.statistics().streams == 0
+        assert server.is_open
+        assert client.is_open
+
+
+async def test_early_data_timeout_covers_only_the_dial(
+    autojump_clock: trio.testing.MockClock, net: FakeNetwork
+) -> None:
+    """The connect timeout bounds the confirmation; a connected target may stay silent."""
+    async with open_session_pair(allow=ALLOW, dialer=net.dial) as (server, _):
+        start = trio.current_time()
+        stream = await server.dial(server.open_stream("tcp", "10.9.9.9:80"), 5.0, wait=False)
+        assert trio.current_time() == start
+        with pytest.raises(revdial.DialTimeoutError):
+            await stream.receive_some()
+        assert trio.current_time() - start == 5.0
+        assert server.statistics().streams == 0
+        quiet = await server.dial(server.open_stream("tcp", "10.0.0.5:80"), 5.0, wait=False)
+        with trio.move_on_after(60) as scope:
+            await quiet.receive_some()  # the echo target says nothing unprompted
+        assert scope.cancelled_caught
+        await quiet.send_all(b"x")
+        assert await quiet.receive_some() == b"x"
+
+
 # --- negotiation between real peers ---------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import hmac
+import ipaddress
 import logging
 import random
 import socket
@@ -53,6 +54,7 @@ StreamHandler = Callable[[TunnelStream], Awaitable[None]]
 AllowSpec = "AllowPolicy | Callable[[str, str], bool] | Iterable[str] | None"
 
 _TCP_PROTOS = frozenset({"tcp", "tcp4", "tcp6"})
+_PROTO_FAMILY = {"tcp4": socket.AF_INET, "tcp6": socket.AF_INET6}
 
 
 def split_host_port(address: str, *, allow_zero: bool = False) -> tuple[str, int]:
@@ -176,10 +178,39 @@ def _describe_oserror(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _literal_family(host: str) -> socket.AddressFamily | None:
+    """The family of an IP literal (no zone), or None for a name."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv4Address):
+        return socket.AF_INET
+    return None if ip.scope_id else socket.AF_INET6
+
+
+async def _connect_literal(family: socket.AddressFamily, host: str, port: int) -> trio.SocketStream:
+    """Connect to one IP address: no resolver, no happy-eyeballs nursery.
+
+    ``trio.open_tcp_stream`` would end up doing the same for a literal, after
+    a task spawn and a nursery; a dial is on every new stream's critical path.
+    """
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
 async def default_dialer(proto: str, address: str) -> trio.abc.Stream:
     """Dial ``tcp``/``tcp4``/``tcp6`` or ``unix`` targets with the OS."""
     if proto in _TCP_PROTOS:
         host, port = split_host_port(address)
+        family = _literal_family(host)
+        if family is not None and _PROTO_FAMILY.get(proto, family) == family:
+            return await _connect_literal(family, host, port)
         return await trio.open_tcp_stream(host, port)
     if proto == "unix":
         return await trio.open_unix_socket(address)

@@ -224,7 +224,9 @@ async def _serve_forward(server: Server, fwd: Forward, read_size: int,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     async def handle(local: trio.SocketStream) -> None:
         try:
-            tunnel = await server.dial(fwd.client_key, "tcp", fwd.target)
+            # Early data: the client's first bytes follow the Connect (one round
+            # trip less); a failed dial surfaces from the splice.
+            tunnel = await server.dial(fwd.client_key, "tcp", fwd.target, wait=False)
         except DialError as exc:
             log.warning("forward %s: %s", fwd, exc)
             await trio.aclose_forcefully(local)

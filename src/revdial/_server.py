@@ -160,6 +160,7 @@ class Server:
         address: str,
         *,
         connect_timeout: float | None = None,
+        wait: bool = True,
     ) -> TunnelStream:
         """Open a connection to ``proto``/``address`` through ``client_key``'s agent.
 
@@ -177,23 +178,34 @@ class Server:
         first receive or send; there ``connect_timeout`` bounds the wait for
         the first byte or error instead.
 
+        ``wait=False`` returns as soon as the Connect is queued, with any
+        agent: bytes you send follow the Connect at once, which saves a round
+        trip per connection (``revdial server --forward`` dials this way). A
+        failed dial then surfaces from the stream's first receive (or a later
+        send) as the same typed :class:`~revdial.DialError`, and
+        ``connect_timeout`` bounds the wait for the agent's confirmation or
+        first byte. Bytes sent to a target that could not be dialled are
+        dropped by the agent.
+
         ``connect_timeout`` defaults to ``Limits.connect_timeout``; 0 disables it.
         Cancellation leaves no entry in the session's tables.
         """
-        await trio.lowlevel.checkpoint()
+        # session.dial() is the schedule point; one per dial is enough.
+        await trio.lowlevel.checkpoint_if_cancelled()
         timeout = self.limits.connect_timeout if connect_timeout is None else connect_timeout
         for session in self._sessions.get(client_key, ()):
             if session.is_open:
                 stream = session.open_stream(proto, address)
                 break
         else:  # no break: no live session
+            await trio.lowlevel.checkpoint()
             raise NoSuchClientError(
                 f"no session for client {client_key!r}",
                 reason="no such client",
                 client_key=client_key,
                 target=f"{proto}/{address}",
             )
-        return await session.dial(stream, timeout)
+        return await session.dial(stream, timeout, wait=wait)
 
     async def serve(
         self,

@@ -139,6 +139,74 @@ class ActivityStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+class _InlineDelivery:
+    """Hand each message to the session in trio-websocket's own reader task.
+
+    trio-websocket's reader parses messages and puts them on a memory
+    channel, where :meth:`Session._reader` picks them up: a task switch per
+    message on each side, which is most of a small message's latency. This
+    stands in for the channel's send side (``WebSocketConnection._send_channel``,
+    a private attribute of trio-websocket 0.12), so the session's handler runs
+    right where the message was parsed. Handling never blocks (reads never
+    wait on a stream), so the reader keeps its pace.
+
+    Messages already on the original channel keep their order: while it holds
+    any, new ones are queued behind them and :meth:`Session._reader` delivers
+    them. The reader task's end still closes the original channel, which is
+    how :meth:`Session._reader` learns that the WebSocket closed.
+    """
+
+    __slots__ = ("_channel", "_closed", "_deliver", "_receive", "failed")
+
+    def __init__(
+        self,
+        channel: Any,
+        receive: Any,
+        deliver: Callable[[bytes | str], None],
+    ) -> None:
+        self._channel = channel
+        self._receive = receive
+        self._deliver = deliver
+        self._closed = False
+        #: What an inline delivery raised (a ProtocolError ends the session).
+        self.failed: Exception | None = None
+
+    @classmethod
+    def install(
+        cls, ws: WebSocketConnection, deliver: Callable[[bytes | str], None]
+    ) -> _InlineDelivery | None:
+        channel = getattr(ws, "_send_channel", None)
+        receive = getattr(ws, "_recv_channel", None)
+        if not isinstance(channel, trio.MemorySendChannel) or not isinstance(
+            receive, trio.MemoryReceiveChannel
+        ):
+            return None  # another trio-websocket: keep the channel
+        inline = cls(channel, receive, deliver)
+        ws._send_channel = inline  # type: ignore[assignment]
+        return inline
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._channel.aclose()
+
+    async def send(self, message: bytes | str) -> None:
+        stats = self._receive.statistics()
+        if (
+            stats.current_buffer_used
+            or stats.open_receive_channels == 0
+            or self._closed
+            or self.failed is not None
+        ):
+            await self._channel.send(message)  # keep order behind queued messages
+            return
+        try:
+            self._deliver(message)
+        except Exception as exc:
+            self.failed = exc
+            # Wake Session._reader, which raises it in the session's own task.
+            await self._channel.send(b"")
+
+
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
     streams: int
@@ -227,16 +295,20 @@ class Session:
         self._flush_state()
         return stream
 
-    async def dial(self, stream: TunnelStream, connect_timeout: float) -> TunnelStream:
+    async def dial(
+        self, stream: TunnelStream, connect_timeout: float, *, wait: bool = True
+    ) -> TunnelStream:
         """Finish a dial of a stream from :meth:`open_stream` (see ``Server.dial``).
 
-        With extension v1: wait for the peer's confirmation, raising the typed
-        DialError, or DialTimeoutError after ``connect_timeout``. Plain
-        remotedialer: return at once, arming the first-byte timeout.
-        ``connect_timeout`` 0 disables the timeout. On any exception,
-        cancellation included, the stream is closed (no table entry leaks).
+        With extension v1 and ``wait``: wait for the peer's confirmation,
+        raising the typed DialError, or DialTimeoutError after
+        ``connect_timeout``. Plain remotedialer, or ``wait=False``: return at
+        once, arming the first-byte timeout (with v1 the confirmation also
+        disarms it). ``connect_timeout`` 0 disables the timeout. On any
+        exception, cancellation included, the stream is closed (no table
+        entry leaks).
         """
-        if self.extensions < 1:
+        if self.extensions < 1 or not wait:
             await trio.lowlevel.checkpoint()
             if connect_timeout > 0:
                 stream._arm_first_byte_timeout(trio.current_time() + connect_timeout)
@@ -353,8 +425,7 @@ class Session:
 
     async def _reader(self) -> None:
         ws = self.ws
-        state = self.state
-        streams = self._streams
+        inline = _InlineDelivery.install(ws, self._deliver)
         try:
             while True:
                 try:
@@ -367,20 +438,29 @@ class Session:
                         else "WebSocket closed"
                     )
                     return
-                if isinstance(message, str):
-                    raise ProtocolError("received a text WebSocket message")
-                event = state.receive(message, trio.current_time())
-                if event is not None:
-                    if type(event) is DataReceived:
-                        stream = streams.get(event.conn_id)
-                        if stream is not None:
-                            stream._feed(event.data)
-                    else:
-                        self._dispatch(event)
-                if state.has_pending:
-                    self._flush_state()
+                if inline is not None and inline.failed is not None:
+                    raise inline.failed  # the next message after the failure is its marker
+                self._deliver(message)
         except ProtocolError as exc:
             self._abort(exc)
+
+    def _deliver(self, message: bytes | str) -> None:
+        """Handle one WebSocket message (from :meth:`_reader` or inline)."""
+        if self._ended or self.end_reason is not None:
+            return  # ending: trio-websocket's reader may still hand us some
+        if isinstance(message, str):
+            raise ProtocolError("received a text WebSocket message")
+        state = self.state
+        event = state.receive(message, trio.current_time())
+        if event is not None:
+            if type(event) is DataReceived:
+                stream = self._streams.get(event.conn_id)
+                if stream is not None:
+                    stream._feed(event.data)
+            else:
+                self._dispatch(event)
+        if state.has_pending:
+            self._flush_state()
 
     def _dispatch(self, event: Any) -> None:
         streams = self._streams

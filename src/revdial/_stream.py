@@ -144,6 +144,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def _dial_confirmed(self) -> None:
         self._confirmed = True
+        self._first_byte_deadline = math.inf  # a connected target may stay silent
         self._lot.unpark_all()
 
     def _peer_half_closed(self) -> None:
@@ -226,7 +227,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     with trio.move_on_at(self._first_byte_deadline):
                         await self._lot.park()
                     if trio.current_time() >= self._first_byte_deadline and not (
-                        self._buffer or self._error or self._peer_eof or self._received
+                        self._buffer
+                        or self._error
+                        or self._peer_eof
+                        or self._received
+                        or self._confirmed
                     ):
                         self._time_out_dial()
             chunk = self._buffer[0]
@@ -279,7 +284,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._sending = False
 
     def _arm_first_byte_timeout(self, deadline: float) -> None:
-        """Plain remotedialer: fail the first receive if nothing arrived by then."""
+        """Fail the first receive if nothing (no byte, no confirmation) arrived by then."""
         self._first_byte_deadline = deadline
 
     def _time_out_dial(self) -> None:
