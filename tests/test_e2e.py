@@ -12,6 +12,7 @@ changes because of socket events (see their docstrings).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import ssl
@@ -265,6 +266,27 @@ async def test_forward_half_close(tunnel: Tunnel) -> None:
             else:
                 assert reply == b""
             nursery.cancel_scope.cancel()
+
+
+async def test_forward_to_refused_target_closes_only_that_client(
+    tunnel: Tunnel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Early data: the client's bytes go out before the agent's dial fails; the
+    client then sees its connection closed, and the session carries on."""
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            bad = await start_forward(nursery, tunnel, tunnel.targets.closed)
+            good = await start_forward(nursery, tunnel, tunnel.targets.echo)
+            async with await trio.open_tcp_stream("127.0.0.1", bad) as client:
+                await client.send_all(b"nobody will read this")
+                with contextlib.suppress(trio.BrokenResourceError):
+                    assert await client.receive_some() == b""
+            async with await trio.open_tcp_stream("127.0.0.1", good) as client:
+                await echo_roundtrip(client, b"still fine")
+            nursery.cancel_scope.cancel()
+    assert tunnel.server.statistics().streams == 0
+    refusal = [r for r in caplog.records if "connection refused" in r.getMessage()]
+    assert refusal, "the forward logs why the connection was closed"
 
 
 # --- dial failures leave the session intact ------------------------------------
