@@ -66,14 +66,14 @@ def echo_rtts(sock: socket.socket, seconds: float, interval: float) -> list[floa
 
 
 def one_round(bulk_port: int, echo_port: int, seconds: float, interval: float,
-              reverse: bool) -> dict[str, object]:
+              reverse: bool, *, bulk_streams: int = 1) -> dict[str, object]:
     sock = socket.create_connection((LOOPBACK, echo_port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         echo_rtts(sock, 0.2, interval)  # warm up
         idle = echo_rtts(sock, 1.0, interval)
         cmd = ["iperf3", "-c", LOOPBACK, "-p", str(bulk_port), "-t", f"{seconds + 1.5:g}",
-               "-J", *(["-R"] if reverse else [])]
+               "-J", "-P", str(bulk_streams), *(["-R"] if reverse else [])]
         bulk = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             time.sleep(1.0)  # let the bulk stream ramp up
@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=0.001,
                         help="pause between echoes (s)")
     parser.add_argument("--direction", nargs="+", choices=["fwd", "rev"], default=["fwd", "rev"])
+    parser.add_argument("--bulk-streams", type=int, default=1,
+                        help="parallel iperf3 streams in the bulk transfer (-P)")
     parser.add_argument("--paths", nargs="+", choices=[*ALL_PATHS, *EXPERIMENTS],
                         default=ALL_PATHS)
     parser.add_argument("--name", default="fairness", help="results/<name>.json")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     t = tunnels[k]
                     t.check_alive()
                     r = one_round(t.ports[0], t.ports[1], args.seconds, args.interval,
-                                  d == "rev")
+                                  d == "rev", bulk_streams=args.bulk_streams)
                     runs[d][k].append(r)
                     log(f"round {rnd + 1} {d} {k:8s} idle p50/p99 {r['idle_p50']:.3f}/"
                         f"{r['idle_p99']:.3f} ms, loaded {r['p50']:.3f}/{r['p99']:.3f} ms, "

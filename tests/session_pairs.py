@@ -77,6 +77,8 @@ SMALL_LIMITS = Limits(
     max_frame_size=16 * KiB,
     read_size=16 * KiB,
     outbox_bytes=64 * KiB,
+    small_frame_bytes=4 * KiB,
+    small_frame_budget=16 * KiB,
 )
 
 Behaviour = Callable[[TunnelStream], Awaitable[None]]

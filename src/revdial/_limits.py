@@ -7,8 +7,8 @@ Memory bound that follows from the defaults (see README, "Limits"):
   when our Pause reached it (about 3.4 MB seen from a Go peer on loopback);
 * per session: at most ``session_max_buffer`` (64 MiB) of received, unread
   bytes across all its streams, plus one WebSocket message being reassembled
-  (``max_message_size``) and a bounded outbox (``outbox_bytes`` of Data plus
-  ``max_control_frames`` small control frames);
+  (``max_message_size``) and a bounded outbox (``outbox_bytes`` of bulk Data,
+  as much again of small frames, plus ``max_control_frames`` control frames);
 * per server: ``max_sessions`` sessions.
 """
 
@@ -51,6 +51,14 @@ class Limits:
     #: while another is written, so a bulk stream keeps the pipe full, but a
     #: small frame of another stream never queues behind more than that.
     stream_outbox_bytes: int = 256 * KiB
+    #: Data frames up to this size, from a stream with nothing else in the
+    #: outbox, skip ahead of queued bulk Data (one such frame per stream at a
+    #: time; at most ``small_frame_budget`` bytes of them in a row while bulk
+    #: Data waits). Keystrokes and requests do not wait behind a transfer on
+    #: another stream. ``0`` disables it.
+    small_frame_bytes: int = 16 * KiB
+    #: Small-frame bytes the writer sends in a row before one queued bulk frame.
+    small_frame_budget: int = 64 * KiB
     #: Unsent bytes the kernel may hold for the WebSocket's TCP socket
     #: (TCP_NOTSENT_LOWAT, Linux). Without it the kernel queues megabytes of
     #: bulk data ahead of everything else; 128 KiB keeps the link busy.
@@ -95,6 +103,8 @@ class Limits:
         if min(self.max_frame_size, self.read_size, self.outbox_bytes,
                self.stream_outbox_bytes) <= 0:
             raise ValueError("frame, read and outbox sizes must be positive")
+        if self.small_frame_bytes < 0 or self.small_frame_budget <= 0:
+            raise ValueError("small_frame_bytes must be >= 0 and small_frame_budget > 0")
         if self.ping_interval <= 0 or self.ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
 

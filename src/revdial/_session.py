@@ -9,7 +9,10 @@ bytes and wakes tasks.
 Writes: every frame goes through one writer task, so a cancelled sender can
 never tear a frame. Urgent frames (Pause, Resume, Sync, replies) overtake
 queued Data; Connect and closing Error frames keep their place behind their
-stream's Data. Data is bounded by ``Limits.outbox_bytes``: senders wait.
+stream's Data. Small Data frames (``Limits.small_frame_bytes``) of a stream
+with nothing else queued take a lane ahead of bulk Data, with a byte budget
+so bulk is never starved; a stream's own frames never overtake each other.
+Data is bounded by ``Limits.outbox_bytes``: senders wait.
 
 Reads never block on a stream: Data is appended to the stream's buffer and
 flow control (Pause/Resume, overrun) is the state's business.
@@ -249,7 +252,15 @@ class Session:
         self._urgent: deque[bytes] = deque()
         self._fifo: deque[bytes | tuple[bytes, int, TunnelStream]] = deque()
         self._fifo_data_bytes = 0
+        self._small_bytes = 0  # Data bytes in the small-frame lane (own bound)
         self._fifo_control = 0  # Connect/Error frames queued in _fifo
+        # Items ever appended to / taken from _fifo: a stream whose Connect or
+        # CONNECT_OK is still queued (hold > taken) must not use the small lane.
+        self._fifo_in = 0
+        self._fifo_out = 0
+        #: Small Data frames of streams with nothing else queued (see _queue_data).
+        self._small: deque[tuple[bytes, int, TunnelStream]] = deque()
+        self._small_run = 0  # small-lane bytes sent since the last bulk item
         self._writer_lot = trio.lowlevel.ParkingLot()
         self._space_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
@@ -275,8 +286,8 @@ class Session:
         return SessionStatistics(
             streams=len(self.state.conns),
             buffered_bytes=self.state.buffered_total,
-            outbox_bytes=self._fifo_data_bytes,
-            outbox_frames=len(self._fifo) + len(self._urgent),
+            outbox_bytes=self._fifo_data_bytes + self._small_bytes,
+            outbox_frames=len(self._fifo) + len(self._urgent) + len(self._small),
         )
 
     def open_stream(self, proto: str, address: str) -> TunnelStream:
@@ -293,6 +304,7 @@ class Session:
         stream = TunnelStream(self, conn_id, f"{proto}/{address}", opened_by_us=True)
         self._streams[conn_id] = stream
         self._flush_state()
+        stream._fifo_hold = self._fifo_in  # our Data must follow the Connect
         return stream
 
     async def dial(
@@ -327,6 +339,7 @@ class Session:
         """The agent's connect for ``stream`` worked (confirms it to a v1 peer)."""
         self.state.dial_succeeded(stream.conn_id)
         self._flush_state()
+        stream._fifo_hold = self._fifo_in  # our Data must follow the CONNECT_OK
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve the session until the peer goes away, then clean up.
@@ -372,30 +385,69 @@ class Session:
         if self.state.has_pending:
             self._flush_state()
 
+    def _demote_small(self, stream: TunnelStream) -> None:
+        """Move the stream's small-lane frame to the queue, ahead of its Error/EOF."""
+        for item in self._small:
+            if item[2] is stream:
+                self._small.remove(item)
+                self._small_bytes -= item[1]
+                self._fifo.append(item)
+                self._fifo_in += 1
+                self._fifo_data_bytes += item[1]  # may exceed the bound by this frame
+                break
+        stream._small_pending = False
+
     def _send_eof(self, conn_id: int) -> None:
         if self._ended:
             return
+        stream = self._streams.get(conn_id)
+        if stream is not None and stream._small_pending:
+            self._demote_small(stream)
         self.state.send_eof(conn_id)
         if conn_id not in self.state.conns:  # both directions done: retired
             self._streams.pop(conn_id, None)
         self._flush_state()
 
     def _close_stream(self, conn_id: int, error: str | None) -> None:
-        self._streams.pop(conn_id, None)
+        stream = self._streams.pop(conn_id, None)
+        if stream is not None and stream._small_pending:
+            self._demote_small(stream)
         if not self._ended and self.state.close(conn_id, error):
             self._flush_state()
 
-    async def _wait_outbox_space(self) -> None:
-        """Wait until the outbox takes more Data (returns at once if ended)."""
-        while self._fifo_data_bytes >= self.limits.outbox_bytes and not self._ended:
+    def _is_small(self, stream: TunnelStream, n: int) -> bool:
+        """Would ``n`` bytes of Data from ``stream`` take the small-frame lane?"""
+        return (
+            n <= self.limits.small_frame_bytes
+            and stream._queued == 0
+            and self._fifo_out >= stream._fifo_hold
+        )
+
+    def _outbox_full(self, small: bool) -> bool:
+        queued = self._small_bytes if small else self._fifo_data_bytes
+        return queued >= self.limits.outbox_bytes
+
+    async def _wait_outbox_space(self, small: bool) -> None:
+        """Wait until that lane of the outbox takes more Data (at once if ended)."""
+        while self._outbox_full(small) and not self._ended:
             await self._space_lot.park()
 
     def _queue_data(self, stream: TunnelStream, chunk: memoryview) -> None:
         """Queue one Data frame; the caller checked the stream is writable."""
         frame = b"".join((self.state.data_header(stream.conn_id), chunk))
         n = len(chunk)
-        self._fifo.append((frame, n, stream))
-        self._fifo_data_bytes += n
+        if self._is_small(stream, n):
+            # Nothing of this stream is queued: it may skip ahead of bulk Data.
+            # Until the writer takes it the stream queues nothing else (see
+            # TunnelStream.send_all and _demote_small), so the lanes can never
+            # reorder one stream's frames.
+            self._small.append((frame, n, stream))
+            self._small_bytes += n
+            stream._small_pending = True
+        else:
+            self._fifo.append((frame, n, stream))
+            self._fifo_in += 1
+            self._fifo_data_bytes += n
         stream._queued += n
         self._writer_lot.unpark()
 
@@ -408,6 +460,7 @@ class Session:
         if ordered:
             self._fifo.extend(ordered)
             self._fifo_control += len(ordered)
+            self._fifo_in += len(ordered)
         if len(self._urgent) + self._fifo_control > self.limits.max_control_frames:
             # The peer provokes replies but does not read them.
             self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
@@ -554,13 +607,25 @@ class Session:
     async def _writer(self) -> None:
         urgent = self._urgent
         fifo = self._fifo
+        small = self._small
+        budget = self.limits.small_frame_budget
         send = self.ws.send_message
         try:
             while True:
                 if urgent:
                     await send(urgent.popleft())
+                elif small and (not fifo or self._small_run < budget):
+                    frame, n, stream = small.popleft()
+                    stream._small_pending = False
+                    self._small_run += n
+                    self._small_bytes -= n
+                    stream._dequeued(n)
+                    self._space_lot.unpark_all()
+                    await send(frame)
                 elif fifo:
                     item = fifo.popleft()
+                    self._fifo_out += 1
+                    self._small_run = 0
                     if type(item) is tuple:
                         frame, n, stream = item
                         self._fifo_data_bytes -= n
@@ -615,7 +680,9 @@ class Session:
             stream._fail(SessionLostError(f"session lost: {text}"), drop_buffer=False)
         self._urgent.clear()
         self._fifo.clear()
+        self._small.clear()
         self._fifo_data_bytes = 0
+        self._small_bytes = 0
         self._fifo_control = 0
         self._space_lot.unpark_all()
         self._writer_lot.unpark_all()

@@ -77,6 +77,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_confirmed",
         "_eof_sent",
         "_error",
+        "_fifo_hold",
         "_first_byte_deadline",
         "_lot",
         "_opened_by_us",
@@ -88,6 +89,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_receiving",
         "_sending",
         "_session",
+        "_small_pending",
         "conn_id",
         "target",
     )
@@ -109,6 +111,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._first_byte_deadline = math.inf
         self._error: BaseException | None = None  # raised once the buffer is drained
         self._queued = 0  # our Data bytes waiting in the session's outbox
+        #: Our Connect / CONNECT_OK is queued until the session's writer has
+        #: taken this many outbox items; until then Data keeps to the queue.
+        self._fifo_hold = 0
+        #: A small Data frame of ours waits in the session's small-frame lane.
+        self._small_pending = False
         self._closed = False  # by us
         self._peer_paused = False
         self._received = False
@@ -269,15 +276,16 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     await self._lot.park()
                     continue
                 session = self._session
-                if self._queued >= session.limits.stream_outbox_bytes:
+                if self._small_pending or self._queued >= session.limits.stream_outbox_bytes:
                     await self._lot.park()  # woken by _dequeued()
                     continue
-                if session._fifo_data_bytes >= session.limits.outbox_bytes:
-                    await session._wait_outbox_space()
+                end = offset + frame_size
+                small = session._is_small(self, min(end, total) - offset)
+                if session._outbox_full(small):
+                    await session._wait_outbox_space(small)
                     continue  # re-check: the stream may have closed meanwhile
                 if not session.is_open:
                     raise SessionLostError(f"session to {session.client_key!r} has ended")
-                end = offset + frame_size
                 session._queue_data(self, view[offset:end])
                 offset = end
         finally:
