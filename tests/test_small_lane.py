@@ -14,6 +14,8 @@ import dataclasses
 
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from revdial import TunnelStream
 from revdial._frames import Frame, MessageType
@@ -141,4 +143,110 @@ async def test_many_small_writes_arrive_in_order_beside_bulk(
         while chunk := await chat_peer.receive_some():
             got += chunk
         assert got == expected
+        nursery.cancel_scope.cancel()
+
+
+# --- generated: any mix of sizes and closes keeps every stream's bytes in order ---
+
+STREAMS = 6
+#: A budget of one small frame, so that bulk and small frames interleave a lot.
+TIGHT = dataclasses.replace(SMALL, small_frame_budget=1)
+
+writes = st.lists(
+    st.tuples(
+        st.integers(0, STREAMS - 1),  # stream
+        st.sampled_from([1, 100, 4 * KiB - 1, 4 * KiB, 4 * KiB + 1, 16 * KiB, 40 * KiB]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=writes, clog=st.booleans(), close=st.sets(st.integers(0, STREAMS - 1)))
+def test_generated_writes_keep_each_stream_in_order(
+    plan: list[tuple[int, int]], clog: bool, close: set[int]
+) -> None:
+    async def run() -> None:
+        async with open_pair(limits=TIGHT) as p, trio.open_nursery() as nursery:
+            pairs = [await p.open(f"s:{i}") for i in range(STREAMS)]
+            expected = [bytearray() for _ in pairs]
+            per_stream: list[list[bytes]] = [[] for _ in pairs]
+            for k, (i, size) in enumerate(plan):
+                chunk = bytes([k % 251]) * size
+                per_stream[i].append(chunk)
+                expected[i] += chunk
+
+            async def writer(i: int) -> None:
+                for chunk in per_stream[i]:
+                    await pairs[i][0].send_all(chunk)
+                if i in close:
+                    await pairs[i][0].aclose()
+
+            async def reader(i: int) -> None:
+                got = await receive_exactly(pairs[i][1], len(expected[i])) if expected[i] else b""
+                assert got == bytes(expected[i]), f"stream {i} reordered or lost bytes"
+                if i in close:
+                    assert await pairs[i][1].receive_some() == b""
+
+            if clog:
+                p.server_side.valve.clog()
+            async with trio.open_nursery() as inner:
+                for i in range(len(pairs)):
+                    inner.start_soon(writer, i)
+                    inner.start_soon(reader, i)
+                await trio.testing.wait_all_tasks_blocked()
+                p.server_side.valve.unclog()
+            nursery.cancel_scope.cancel()
+
+    trio.run(run, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+async def test_lane_budget_cannot_reorder_a_streams_frames(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The writer serves the queue before a small frame when the budget is spent:
+    the stream behind that small frame must not have a later frame queued."""
+    tight = dataclasses.replace(SMALL, small_frame_budget=1)
+    async with open_pair(limits=tight) as p, trio.open_nursery() as nursery:
+        (busy, busy_peer), (other, other_peer), (mine, mine_peer) = [
+            await p.open(f"s:{i}") for i in range(3)
+        ]
+        await trio.testing.wait_all_tasks_blocked()
+        p.server_side.valve.clog()
+        nursery.start_soon(busy.send_all, bytes(SMALL.max_frame_size))  # the writer blocks on it
+        await trio.testing.wait_all_tasks_blocked()
+        await other.send_all(b"o")  # small lane, first
+        await mine.send_all(b"m")  # small lane, second
+
+        async def more() -> None:
+            await mine.send_all(b"M" * 20 * KiB)  # bulk, must not pass b"m"
+            await mine.aclose()
+
+        nursery.start_soon(more)
+        await trio.testing.wait_all_tasks_blocked()
+        p.server_side.valve.unclog()
+        assert await receive_exactly(mine_peer, 1 + 20 * KiB) == b"m" + b"M" * 20 * KiB
+        assert await mine_peer.receive_some() == b""
+        assert await other_peer.receive_some() == b"o"
+        await receive_exactly(busy_peer, SMALL.max_frame_size)
+        nursery.cancel_scope.cancel()
+
+
+async def test_lane_budget_cannot_put_an_eof_before_data(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    tight = dataclasses.replace(SMALL, small_frame_budget=1)
+    async with open_pair(limits=tight) as p, trio.open_nursery() as nursery:
+        (busy, _), (other, _), (mine, mine_peer) = [await p.open(f"s:{i}") for i in range(3)]
+        await trio.testing.wait_all_tasks_blocked()
+        p.server_side.valve.clog()
+        nursery.start_soon(busy.send_all, bytes(SMALL.max_frame_size))
+        await trio.testing.wait_all_tasks_blocked()
+        await other.send_all(b"o")
+        await mine.send_all(b"m")
+        await mine.aclose()  # its Error is queued: it must follow b"m"
+        p.server_side.valve.unclog()
+        assert await mine_peer.receive_some() == b"m"
+        assert await mine_peer.receive_some() == b""
         nursery.cancel_scope.cancel()
