@@ -23,6 +23,7 @@ import time
 from ._tunnels import DESCRIPTIONS, open_tunnel, ssh_unavailable
 from ._util import (
     LOOPBACK,
+    cpu_seconds,
     free_port,
     log,
     median,
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         skipped["ssh"] = why
         paths.remove("ssh")
     samples: dict[str, list[list[float]]] = {k: [] for k in paths}
+    #: CPU (user + system) of the path's own processes per dial, microseconds.
+    cpu_us: dict[str, list[float]] = {k: [] for k in paths}
     echo = free_port()
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(module_cmd("benchmarks.baselines", "echo", "--port",
@@ -92,9 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.repeat):
             for k in paths if rnd % 2 == 0 else paths[::-1]:
                 port = tunnels[k].ports[0]
+                # ssh: the forwarding runs in a per-session sshd child, not counted.
+                pids = [] if k == "ssh" else list(tunnels[k].pids.values())
+                cpu0 = sum(cpu_seconds(pid) for pid in pids)
                 t0 = time.perf_counter()
                 ms = [dial_once(port) * 1e3 for _ in range(args.count)]
                 samples[k].append(ms)
+                if pids:
+                    used = sum(cpu_seconds(pid) for pid in pids) - cpu0
+                    cpu_us[k].append(used / args.count * 1e6)
                 log(f"round {rnd + 1} {k:14s} p50 {percentile(ms, 50):.3f} ms "
                     f"p99 {percentile(ms, 99):.3f} ms ({time.perf_counter() - t0:.1f} s)")
                 tunnels[k].check_alive()
@@ -114,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         results[k] = {"p50_ms": median(p50[k]), "p99_ms": median(p99[k]),
                       "p50_rounds": p50[k], "p99_rounds": p99[k],
                       "mean_ms": median([sum(r) / len(r) for r in samples[k]]),
+                      "cpu_us_per_dial": median(cpu_us[k]) if cpu_us[k] else None,
                       "ratio": ratios}
         rows.append([k, median(p50[k]), median(p99[k]),
+                     f"{median(cpu_us[k]):.0f}" if cpu_us[k] else "-",
                      *(f"{ratios[b]['p50']:.2f} / {ratios[b]['p99']:.2f}"
                        if b in ratios else "-" for b in BASELINES)])
     targets: dict[str, object] = {}
@@ -127,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             targets[f"dial {k} p99 <= 2 ms"] = {"value": res["p99_ms"],
                                                 "met": res["p99_ms"] <= 2.0}
     print(f"dial rate: {args.count} x connect -> 1-byte echo -> close, {args.repeat} rounds, ms")
-    print(table(["path", "p50", "p99", *(f"rd/{b} p50 / p99" for b in BASELINES)], rows, 3))
+    print(table(["path", "p50", "p99", "CPU µs/dial",
+                 *(f"rd/{b} p50 / p99" for b in BASELINES)], rows, 3))
     for name, t in targets.items():
         assert isinstance(t, dict)
         print(f"  target {name}: {t['value']:.3f} {'MET' if t['met'] else 'MISSED'}")

@@ -65,14 +65,15 @@ def summary_markdown() -> str:
         base = ["plain", "relay", "ssh"]
         for k, r in _d(d.get("results")).items():
             rat = _d(r.get("ratio"))
-            rows.append([k, r["p50_ms"], r["p99_ms"],
+            cpu = r.get("cpu_us_per_dial")
+            rows.append([k, r["p50_ms"], r["p99_ms"], "-" if cpu is None else f"{cpu:.0f}",
                          *(f"{rat[b]['p50']:.2f} / {rat[b]['p99']:.2f}" if b in rat else "-"
                            for b in base)])
         args = _d(d.get("args"))
         parts.append(f"\n### Dial rate ({args.get('count')} x connect -> 1-byte echo -> "
                      f"close, {args.get('repeat')} rounds, ms)\n")
-        parts.append(table(["path", "p50", "p99", *(f"rd/{b} p50 / p99" for b in base)],
-                           rows, 3))
+        parts.append(table(["path", "p50", "p99", "CPU µs/dial",
+                            *(f"rd/{b} p50 / p99" for b in base)], rows, 3))
     if (d := load("streams")) is not None:
         rows = []
         for n, e in _d(d.get("results")).items():
