@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", nargs="+", choices=list(PATHS),
                         default=[k for k in PATHS if k != "revdial-base"],
                         help="revdial-base: an older checkout, REVDIAL_BASE_SRC=<it>/src")
+    parser.add_argument("--name", default="dialrate", help="results/<name>.json")
     args = parser.parse_args(argv)
     paths = list(args.paths)
     skipped: dict[str, str] = {}
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  target {name}: {t['value']:.3f} {'MET' if t['met'] else 'MISSED'}")
     for k, why in skipped.items():
         print(f"  skipped {k}: {why}")
-    save("dialrate", {"args": vars(args),
+    save(args.name, {"args": vars(args),
                       "paths": {k: DESCRIPTIONS.get(k, k) for k in paths},
                       "skipped": skipped, "results": results, "targets": targets})
     return 0

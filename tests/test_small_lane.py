@@ -17,6 +17,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import receive_exactly
 from revdial import TunnelStream
 from revdial._frames import Frame, MessageType
 from session_pairs import SMALL_LIMITS, Pair, open_pair
@@ -27,15 +28,6 @@ KiB = 1024
 
 def wire(pair: Pair) -> list[Frame]:
     return [f for _, f in pair.server_ws.sent]
-
-
-async def receive_exactly(stream: TunnelStream, n: int) -> bytes:
-    got = b""
-    while len(got) < n:
-        chunk = await stream.receive_some()
-        assert chunk, "stream ended early"
-        got += chunk
-    return got
 
 
 async def backlog(pair: Pair, nursery: trio.Nursery, stream: TunnelStream, n: int) -> None:

@@ -51,8 +51,9 @@ class Limits:
     #: while another is written, so a bulk stream keeps the pipe full, but a
     #: small frame of another stream never queues behind more than that.
     stream_outbox_bytes: int = 256 * KiB
-    #: Data frames up to this size, from a stream with nothing else in the
-    #: outbox, skip ahead of queued bulk Data (one such frame per stream at a
+    #: Data frames up to this size (and below ``max_frame_size``: a full
+    #: frame is bulk), from a stream with nothing else in the outbox, skip
+    #: ahead of queued bulk Data (one such frame per stream at a
     #: time; at most ``small_frame_budget`` bytes of them in a row while bulk
     #: Data waits). Keystrokes and requests do not wait behind a transfer on
     #: another stream. ``0`` disables it.

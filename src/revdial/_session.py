@@ -417,8 +417,10 @@ class Session:
 
     def _is_small(self, stream: TunnelStream, n: int) -> bool:
         """Would ``n`` bytes of Data from ``stream`` take the small-frame lane?"""
+        limits = self.limits
         return (
-            n <= self.limits.small_frame_bytes
+            n <= limits.small_frame_bytes
+            and n < limits.max_frame_size  # a full frame means more is coming: bulk
             and stream._queued == 0
             and self._fifo_out >= stream._fifo_hold
         )
