@@ -434,11 +434,12 @@ class Session:
         while self._outbox_full(small) and not self._ended:
             await self._space_lot.park()
 
-    def _queue_data(self, stream: TunnelStream, chunk: memoryview) -> None:
-        """Queue one Data frame; the caller checked the stream is writable."""
+    def _queue_data(self, stream: TunnelStream, chunk: memoryview, small: bool) -> None:
+        """Queue one Data frame; the caller checked the stream is writable and
+        decided the lane with :meth:`_is_small` (nothing awaited since)."""
         frame = b"".join((self.state.data_header(stream.conn_id), chunk))
         n = len(chunk)
-        if self._is_small(stream, n):
+        if small:
             # Nothing of this stream is queued: it may skip ahead of bulk Data.
             # Until the writer takes it the stream queues nothing else (see
             # TunnelStream.send_all and _demote_small), so the lanes can never
@@ -606,6 +607,11 @@ class Session:
         finally:
             stream.close_nowait()
 
+    def _taken(self, stream: TunnelStream, n: int) -> None:
+        """The writer took ``n`` Data bytes of ``stream`` out of the outbox."""
+        stream._dequeued(n)
+        self._space_lot.unpark_all()
+
     async def _writer(self) -> None:
         urgent = self._urgent
         fifo = self._fifo
@@ -621,8 +627,7 @@ class Session:
                     stream._small_pending = False
                     self._small_run += n
                     self._small_bytes -= n
-                    stream._dequeued(n)
-                    self._space_lot.unpark_all()
+                    self._taken(stream, n)
                     await send(frame)
                 elif fifo:
                     item = fifo.popleft()
@@ -631,8 +636,7 @@ class Session:
                     if type(item) is tuple:
                         frame, n, stream = item
                         self._fifo_data_bytes -= n
-                        stream._dequeued(n)
-                        self._space_lot.unpark_all()
+                        self._taken(stream, n)
                         await send(frame)
                     else:
                         self._fifo_control -= 1

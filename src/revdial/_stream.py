@@ -286,7 +286,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     continue  # re-check: the stream may have closed meanwhile
                 if not session.is_open:
                     raise SessionLostError(f"session to {session.client_key!r} has ended")
-                session._queue_data(self, view[offset:end])
+                session._queue_data(self, view[offset:end], small)
                 offset = end
         finally:
             self._sending = False
