@@ -15,8 +15,8 @@ The invariant is h11's: every input is accepted, or rejected with
 nothing else -- and what is accepted keeps the codec's and the session
 state's invariants.
 
-Seeds come from the Go-recorded vectors in ``shared/vectors/`` (found like
-``tests/vectors.py`` does: ``$REVDIAL_SHARED_DIR`` or ``<repo>/../shared``).
+Seeds come from the Go-recorded vectors in ``tests/vectors/`` (part of the
+repository; ``tests/vectors/README.md`` says where they come from).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
 import sys
 import time
@@ -53,9 +52,7 @@ __all__ = [
 DEFAULT_SECONDS = 20.0
 
 
-def _shared_dir() -> Path:
-    override = os.environ.get("REVDIAL_SHARED_DIR")
-    return Path(override) if override else REPO.parent / "shared"
+VECTORS = REPO / "tests" / "vectors"
 
 
 def seed_messages() -> list[bytes]:
@@ -63,11 +60,9 @@ def seed_messages() -> list[bytes]:
 
     Raises ``FileNotFoundError`` with a clear message if the vectors are absent.
     """
-    vectors = _shared_dir() / "vectors"
+    vectors = VECTORS
     if not vectors.is_dir():
-        raise FileNotFoundError(
-            f"remotedialer vectors not found in {vectors} (set REVDIAL_SHARED_DIR)"
-        )
+        raise FileNotFoundError(f"remotedialer vectors not found in {vectors}")
     frames: dict[str, Any] = json.loads((vectors / "remotedialer-frames.json").read_text())
     session: dict[str, Any] = json.loads((vectors / "remotedialer-session.json").read_text())
     out = [bytes.fromhex(v["encoded_hex"]) for v in frames["encode_vectors"]]

@@ -11,9 +11,11 @@ state, see conftest).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import shutil
 import ssl
 import sys
 import time
@@ -454,6 +456,34 @@ def test_kubeconfig_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert 'current-context: "c1"' in out
 
 
+def test_kubeconfig_refuses_plain_http_and_embeds_the_ca(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # kubectl never sends a bearer token over plain HTTP: such a kubeconfig only gets 401s.
+    assert cli_main(["kubeconfig", "--server", "http://rd.example:8080", "--cluster", "c1",
+                     "--token", "tok-1"]) == 1
+    err = capsys.readouterr().err
+    assert "refusing an http:// front door" in err
+    assert "--insecure-http" in err
+    assert "tok-1" not in err
+    assert cli_main(["kubeconfig", "--server", "http://rd.example:8080", "--cluster", "c1",
+                     "--token", "tok-1", "--insecure-http"]) == 0
+    assert 'server: "http://rd.example:8080/k8s/clusters/c1"' in capsys.readouterr().out
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    assert cli_main(["kubeconfig", "--server", "https://rd.example:8443", "--cluster", "c1",
+                     "--token", "tok-1", "--certificate-authority", str(ca_file)]) == 0
+    out = capsys.readouterr().out
+    expected = base64.b64encode(ca_file.read_bytes()).decode()
+    assert f'certificate-authority-data: "{expected}"' in out
+    assert cli_main(["kubeconfig", "--server", "https://rd.example:8443", "--cluster", "c1",
+                     "--token", "tok-1", "--certificate-authority",
+                     str(tmp_path / "missing.pem")]) == 1
+    assert "missing.pem" in capsys.readouterr().err
+
+
 def test_front_door_needs_user_tokens(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["server", "--listen", "127.0.0.1:0", "--token", "t",
                      "--http-listen", "127.0.0.1:0"]) == 1
@@ -472,5 +502,10 @@ async def test_demo_shows_the_whole_path() -> None:
     for step in ("1. agent 'demo-agent' connected", "3. 200 round trips",
                  "5. the agent refuses", "6. GET /k8s/clusters/demo-agent/", "-> 200",
                  "7. watch opened", "ADDED    job-2", "8. without a token: 401",
-                 "revdial kubeconfig --server"):
+                 "front door       : https://127.0.0.1:", "revdial kubeconfig --server https://"):
         assert step in out, out
+    if shutil.which("kubectl"):  # kubectl lists the stand-in's pods through the HTTPS front door
+        assert "9. kubectl get pods, through the HTTPS front door (exit status 0)" in out, out
+        assert "web-0" in out, out
+    else:
+        assert "9. kubectl is not installed" in out, out

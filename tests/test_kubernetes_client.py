@@ -36,7 +36,7 @@ async def write_kubeconfig(tmp_path: Path, port: int, token: str) -> Path:
     with trio.fail_after(20):
         out = await trio.run_process(
             [sys.executable, "-m", "revdial", "kubeconfig", "--server",
-             f"http://127.0.0.1:{port}", "--cluster", "c1", "--token", token],
+             f"http://127.0.0.1:{port}", "--insecure-http", "--cluster", "c1", "--token", token],
             capture_stdout=True, capture_stderr=True,
         )
     path = tmp_path / "kubeconfig"
@@ -136,7 +136,7 @@ def processes(*commands: list[str], log: Path) -> Iterator[list[subprocess.Popen
                 proc.wait()
 
 
-async def wait_ready(port: int, token: str) -> None:
+async def wait_ready(port: int, token: str, ssl_context: ssl.SSLContext | None = None) -> None:
     """Poll the front door until the agent's proxy answers (every 50 ms).
 
     The processes start on their own schedule: first nothing listens, then
@@ -144,7 +144,8 @@ async def wait_ready(port: int, token: str) -> None:
     """
     while True:
         try:
-            async with await HTTPConnection.open("127.0.0.1", port) as conn:
+            async with await HTTPConnection.open("127.0.0.1", port,
+                                                 ssl_context=ssl_context) as conn:
                 resp = await conn.request("GET", "/k8s/clusters/c1/version",
                                           headers=[("Authorization", f"Bearer {token}")])
                 if resp.status == 200:

@@ -1,14 +1,12 @@
-"""Loader for the Go-recorded remotedialer vectors in ``shared/vectors/``.
+"""Loader for the Go-recorded remotedialer vectors in ``tests/vectors/``.
 
-The vectors live outside the repository, in a ``shared/`` folder *beside* the
-checkout (``<parent>/<repo>`` and ``<parent>/shared``); CI clones the repository
-under another name with a copy of ``shared/`` next to it, so the folder is
-found relative to this file, never by a fixed path. ``REVDIAL_SHARED_DIR``
-overrides it.
+The vectors are part of the repository (``tests/vectors/README.md`` says where
+they come from), found relative to this file: nothing here reads a path
+outside the checkout, so a fresh clone in any folder runs the same tests.
 
 Missing vectors are a test *failure*, never a skip: a green run without them
 would prove nothing about wire compatibility. Parametrized tests therefore get
-a single ``shared-vectors-missing`` case that fails with the reason (see
+a single ``vectors-missing`` case that fails with the reason (see
 :func:`params` and :func:`require`), so the rest of the suite still runs.
 
 Integers in the JSON are exact signed 64-bit values; :mod:`json` parses them
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,6 @@ from typing import Any
 import pytest
 
 __all__ = [
-    "ENV_VAR",
     "FRAMES_FILE",
     "SESSION_FILE",
     "Missing",
@@ -40,10 +36,9 @@ __all__ = [
     "params",
     "require",
     "session",
-    "shared_dir",
+    "vectors_dir",
 ]
 
-ENV_VAR = "REVDIAL_SHARED_DIR"
 FRAMES_FILE = "remotedialer-frames.json"
 SESSION_FILE = "remotedialer-session.json"
 
@@ -52,30 +47,25 @@ Vector = dict[str, Any]
 
 
 class VectorsMissingError(RuntimeError):
-    """The shared vectors could not be found or read."""
+    """The recorded vectors could not be found or read."""
 
 
-def shared_dir() -> Path:
-    """The ``shared/`` folder: ``$REVDIAL_SHARED_DIR`` or ``<repo>/../shared``."""
-    override = os.environ.get(ENV_VAR)
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "shared"
-    if not (path / "vectors").is_dir():
-        how = f"${ENV_VAR}={override!r}" if override else f"default {path} (set ${ENV_VAR})"
-        raise VectorsMissingError(
-            f"remotedialer vectors not found: {path / 'vectors'} does not exist ({how}). "
-            "Wire-compatibility tests need shared/vectors/*.json beside the repository."
-        )
-    return path
+def vectors_dir() -> Path:
+    """``tests/vectors/``, beside this file."""
+    return Path(__file__).resolve().parent / "vectors"
 
 
 @functools.cache
 def _load(name: str) -> Vector:
-    path = shared_dir() / "vectors" / name
+    path = vectors_dir() / name
     try:
         with path.open("rb") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise VectorsMissingError(f"cannot read vector file {path}: {exc}") from exc
+        raise VectorsMissingError(
+            f"cannot read vector file {path}: {exc} (the wire-compatibility tests need the "
+            "recorded vectors; see tests/vectors/README.md)"
+        ) from exc
     if not isinstance(data, dict) or "format" not in data:
         raise VectorsMissingError(f"{path} is not a remotedialer vector file (no 'format' key)")
     return data
@@ -113,7 +103,7 @@ def params(source: Callable[[], list[Vector]]) -> list[Any]:
     try:
         items = source()
     except VectorsMissingError as exc:
-        return [pytest.param(Missing(str(exc)), id="shared-vectors-missing")]
+        return [pytest.param(Missing(str(exc)), id="vectors-missing")]
     return [
         pytest.param(v, id=str(v.get("name", v.get("scenario", i)))) for i, v in enumerate(items)
     ]

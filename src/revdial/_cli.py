@@ -168,6 +168,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="CA (PEM) of an https:// front door, embedded in the kubeconfig")
     kcfg_tls.add_argument("--insecure-skip-tls-verify", action="store_true",
                           help="do not verify an https:// front door's certificate")
+    kcfg_tls.add_argument("--insecure-http", action="store_true",
+                          help="allow an http:// front door (kubectl will not send the token "
+                          "over plain HTTP, so only other clients can use the result)")
 
     demo = sub.add_parser(
         "demo",
@@ -341,6 +344,14 @@ def _cmd_kubeconfig(args: argparse.Namespace) -> int:
         raise SystemExit(f"revdial kubeconfig: give --token or set ${USER_TOKEN_ENV}")
     if not args.server.startswith(("http://", "https://")):
         raise SystemExit("revdial kubeconfig: --server must be http://... or https://...")
+    if args.server.startswith("http://") and not args.insecure_http:
+        raise SystemExit(
+            "revdial kubeconfig: refusing an http:// front door: kubectl (client-go) sends a "
+            "bearer token only over TLS, so every request would get 401. Serve the front door "
+            "over HTTPS (revdial server --tls-cert/--tls-key) and give --server https://... "
+            "with --certificate-authority FILE, or pass --insecure-http for clients that "
+            "send tokens over plain HTTP"
+        )
     ca_data = None
     if args.certificate_authority:
         try:
@@ -359,7 +370,13 @@ def _cmd_kubeconfig(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "kubeconfig":  # no event loop, no logging setup needed
-        return _cmd_kubeconfig(args)
+        try:
+            return _cmd_kubeconfig(args)
+        except SystemExit as exc:
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+                return 1
+            raise
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -3,28 +3,37 @@
 One process, loopback ephemeral ports: a TCP echo service and a stand-in
 Kubernetes API server (plain HTTP: the demo needs nothing beyond the
 package) behind an agent that serves the HTTP reverse proxy; a server with a
-``--forward`` and the HTTP front door. The walk-through shows the agent
-connecting, a port-forward round trip, a GET and a streaming watch through
-the front door (events with their arrival times), then prints how to do the
-same by hand. ``--keep-running`` leaves everything up.
+``--forward`` and the front door over HTTPS, with a certificate from a
+throw-away CA made for this run (kubectl sends its token only over TLS). The
+walk-through shows the agent connecting, a port-forward round trip, a GET and
+a streaming watch through the front door (events with their arrival times),
+``kubectl get pods`` if kubectl is installed, then prints how to do the same
+by hand. ``--keep-running`` leaves everything up.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import logging
+import os
 import secrets
+import shutil
+import ssl
 import statistics
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import trio
+import trustme
 
 from ._agent import Agent
 from ._errors import DialError
-from ._frontdoor import FrontDoor, UserTokens
+from ._frontdoor import FrontDoor, UserTokens, make_kubeconfig
 from ._proxy import PROXY_TARGET, ReverseProxy
 from ._server import Server, token_authorizer
 from ._splice import splice
@@ -49,6 +58,13 @@ async def run_demo(args: argparse.Namespace) -> None:
     token = secrets.token_urlsafe(16)
     user_token = secrets.token_urlsafe(16)
     http = not getattr(args, "no_proxy", False)
+    with tempfile.TemporaryDirectory(prefix="revdial-demo-") as tmp:
+        await _run_demo(args, Path(tmp), token, user_token, http=http)
+
+
+async def _run_demo(
+    args: argparse.Namespace, tmp: Path, token: str, user_token: str, *, http: bool
+) -> None:
     async with trio.open_nursery() as nursery:
         echo = await nursery.start(partial(trio.serve_tcp, _echo, 0, host="127.0.0.1"))
         echo_port = echo[0].socket.getsockname()[1]
@@ -63,16 +79,21 @@ async def run_demo(args: argparse.Namespace) -> None:
             await nursery.start(api.serve, "127.0.0.1", 0)
             api.create_configmap("default", "app-config", {"greeting": "hello"})
             api.create_configmap("default", "feature-flags", {"beta": "true"})
+            api.create_pod("default", "web-0")
+            api.create_pod("default", "web-1")
             proxy = ReverseProxy(f"http://127.0.0.1:{api.port}")
             services[PROXY_TARGET] = proxy
-            front_door = FrontDoor(server, UserTokens({user_token: ["demo-agent"]}))
+            server_tls, client_tls, ca_file = _throwaway_tls(tmp)
+            front_door = FrontDoor(server, UserTokens({user_token: ["demo-agent"]}),
+                                   ssl_context=server_tls)
             await nursery.start(front_door.serve, "127.0.0.1", 0)
             _say(f"  API server       : stand-in Kubernetes API on http://127.0.0.1:{api.port} "
                  "(behind the agent)")
         _say(f"  revdial server   : {url}")
         if http:
-            _say(f"  front door       : http://127.0.0.1:{front_door.port}"
-                 "/k8s/clusters/demo-agent/...")
+            _say(f"  front door       : https://127.0.0.1:{front_door.port}"
+                 "/k8s/clusters/demo-agent/... (certificate from a throw-away CA: "
+                 f"{ca_file})")
 
         agent = Agent(
             url,
@@ -142,7 +163,13 @@ async def run_demo(args: argparse.Namespace) -> None:
                  f"{exc.reason}")
 
         if http:
-            await _http_walkthrough(api, front_door.port, user_token)
+            await _http_walkthrough(api, front_door.port, user_token, client_tls)
+            kubeconfig = tmp / "kubeconfig"
+            kubeconfig.write_text(make_kubeconfig(
+                f"https://127.0.0.1:{front_door.port}", "demo-agent", user_token,
+                certificate_authority_data=base64.b64encode(ca_file.read_bytes()).decode(),
+            ))
+            await _kubectl_step(kubeconfig, tmp)
 
         _say()
         _say("The same by hand, in two terminals:")
@@ -153,37 +180,78 @@ async def run_demo(args: argparse.Namespace) -> None:
         _say("  ssh -p 2222 localhost      # reaches the agent's sshd through the tunnel")
         if http:
             _say()
-            _say("And a cluster behind the agent, reached through the server's front door:")
-            _say("  echo 'user-s3cret laptop' > users.txt")
+            _say("And a cluster behind the agent, reached through the server's HTTPS front door")
+            _say("(README, 'Cluster proxy', has every step, certificates included):")
             _say("  revdial server --listen 127.0.0.1:8123 --token s3cret \\")
-            _say("      --http-listen 127.0.0.1:8080 --user-tokens users.txt")
-            _say("  revdial agent --server ws://127.0.0.1:8123/connect --id laptop \\")
-            _say("      --token s3cret --upstream https://10.0.0.1:6443 --upstream-ca ca.crt \\")
-            _say("      --upstream-token-file /var/run/secrets/kubernetes.io/serviceaccount/token")
-            _say("  revdial kubeconfig --server http://127.0.0.1:8080 --cluster laptop \\")
-            _say("      --token user-s3cret > kubeconfig")
-            _say("  kubectl --kubeconfig kubeconfig get configmaps --watch")
+            _say("      --tls-cert server.pem --tls-key server-key.pem \\")
+            _say("      --http-listen 127.0.0.1:8443 --user-tokens users.txt")
+            _say("  revdial agent --server wss://127.0.0.1:8123/connect --ca-file server.pem \\")
+            _say("      --id laptop --token s3cret --upstream https://10.0.0.1:6443 \\")
+            _say("      --upstream-ca ca.crt --upstream-token-file "
+                 "/var/run/secrets/kubernetes.io/serviceaccount/token")
+            _say("  revdial kubeconfig --server https://127.0.0.1:8443 --cluster laptop \\")
+            _say("      --token user-s3cret --certificate-authority server.pem > kubeconfig")
+            _say("  kubectl --kubeconfig kubeconfig get pods --watch")
         if getattr(args, "keep_running", False):
             _say()
             _say(f"Still running: try  nc 127.0.0.1 {fwd_port}  (Ctrl-C to stop)")
             if http:
-                base = f"http://127.0.0.1:{front_door.port}/k8s/clusters/demo-agent"
-                _say(f"  curl -H 'Authorization: Bearer {user_token}' {base}/version")
-                _say(f"  curl -N -H 'Authorization: Bearer {user_token}' \\")
+                base = f"https://127.0.0.1:{front_door.port}/k8s/clusters/demo-agent"
+                _say(f"  curl --cacert {ca_file} -H 'Authorization: Bearer {user_token}' "
+                     f"{base}/version")
+                _say(f"  curl -N --cacert {ca_file} -H 'Authorization: Bearer {user_token}' \\")
                 _say(f"      '{base}/api/v1/namespaces/default/configmaps?watch=1'")
-                _say(f"  revdial kubeconfig --server http://127.0.0.1:{front_door.port} "
-                     f"--cluster demo-agent --token {user_token}")
+                _say(f"  kubectl --kubeconfig {kubeconfig} get pods --watch")
             await trio.sleep_forever()
         if http:
             await proxy.aclose()
         nursery.cancel_scope.cancel()
 
 
-async def _http_walkthrough(api: StandInAPIServer, port: int, user_token: str) -> None:
-    """Steps 6-8: a GET, a streaming watch and the front door's auth, over HTTP."""
+def _throwaway_tls(tmp: Path) -> tuple[ssl.SSLContext, ssl.SSLContext, Path]:
+    """A CA made for this run: (server context, client context, CA file in ``tmp``)."""
+    ca = trustme.CA(organization_name="revdial demo (throw-away)")
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    ca_file = tmp / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return server_ctx, client_ctx, ca_file
+
+
+async def _kubectl_step(kubeconfig: Path, tmp: Path) -> None:
+    """Step 9: ``kubectl get pods`` through the front door, if kubectl is installed."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        _say("9. kubectl is not installed: skipping 'kubectl get pods' "
+             "(Debian: apt-get install kubernetes-client)")
+        return
+    home = tmp / "home"  # no cache or config of the user's is read or written
+    home.mkdir(exist_ok=True)
+    argv = [kubectl, "--kubeconfig", str(kubeconfig), "--request-timeout", "20s", "get", "pods"]
+    with trio.move_on_after(60):
+        result = await trio.run_process(
+            argv, env={**os.environ, "HOME": str(home)}, capture_stdout=True,
+            capture_stderr=True, check=False,
+        )
+        output = (result.stdout or result.stderr).decode(errors="replace").rstrip()
+        _say(f"9. kubectl get pods, through the HTTPS front door (exit status "
+             f"{result.returncode}):")
+        for line in output.splitlines():
+            _say(f"     {line}")
+        return
+    _say("9. kubectl get pods did not finish within 60 s")
+
+
+async def _http_walkthrough(
+    api: StandInAPIServer, port: int, user_token: str, tls: ssl.SSLContext
+) -> None:
+    """Steps 6-8: a GET, a streaming watch and the front door's auth, over HTTPS."""
     base = "/k8s/clusters/demo-agent"
     auth = [("Authorization", f"Bearer {user_token}")]
-    async with await HTTPConnection.open("127.0.0.1", port) as conn:
+    https = partial(HTTPConnection.open, "127.0.0.1", port, ssl_context=tls)
+    async with await https() as conn:
         t = time.perf_counter()
         resp = await conn.request("GET", f"{base}/api/v1/namespaces/default/configmaps",
                                   headers=auth)
@@ -193,7 +261,7 @@ async def _http_walkthrough(api: StandInAPIServer, port: int, user_token: str) -
         _say("   (front door -> tunnel -> agent's reverse proxy -> API server; the user's "
              "token stays at the front door)")
 
-    async with await HTTPConnection.open("127.0.0.1", port) as conn, conn.stream_request(
+    async with await https() as conn, conn.stream_request(
         "GET", f"{base}/api/v1/namespaces/default/configmaps?watch=1&resourceVersion="
         f"{api.configmaps()[-1]['metadata']['resourceVersion']}", headers=auth,
     ) as (resp, chunks):
@@ -213,9 +281,9 @@ async def _http_walkthrough(api: StandInAPIServer, port: int, user_token: str) -
                  f"{event['object']['metadata']['name']:<8} (arrived "
                  f"{(time.perf_counter() - created) * 1e3:.1f} ms after the change)")
 
-    async with await HTTPConnection.open("127.0.0.1", port) as conn:
+    async with await https() as conn:
         no_token = await conn.request("GET", f"{base}/version")
-    async with await HTTPConnection.open("127.0.0.1", port) as conn:
+    async with await https() as conn:
         other = await conn.request("GET", "/k8s/clusters/elsewhere/version", headers=auth)
     _say(f"8. without a token: {no_token.status}; a cluster this token may not reach: "
          f"{other.status} ({other.text.strip()})")

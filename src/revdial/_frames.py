@@ -12,7 +12,7 @@ Every varint is Go's ``binary.PutVarint``: zigzag, then LEB128, 1..10 bytes.
 Decoding follows Go's ``newServerMessage`` byte for byte, including its read
 limits (Connect 266 bytes, Error/AddClient/RemoveClient 100 bytes) so that a
 frame means to us exactly what it means to a Go peer; see
-``../shared/PROTOCOL.md`` section 2 and the vectors in ``tests/``.
+``docs/PROTOCOL.md`` section 2 and the vectors in ``tests/vectors/``.
 
 The hot path (Data) is kept to a few Python operations per frame: small
 varints come from a lookup table and the Data header is built by

@@ -2,8 +2,10 @@
 
 It is not Kubernetes: it serves just enough of the shape for the official
 clients to list and watch -- ``/version``, discovery (``/api``, ``/api/v1``,
-``/apis``), namespaces (read-only) and config maps (list, get, create,
-replace, delete, and watch with ``resourceVersion`` and ``timeoutSeconds``),
+``/apis``), namespaces (read-only), config maps (list, get, create,
+replace, delete, and watch with ``resourceVersion`` and ``timeoutSeconds``)
+and pods (list, get, delete and watch; :meth:`StandInAPIServer.create_pod`
+adds them, as a scheduler would),
 with Kubernetes' JSON, ``Status`` errors and watch events (one JSON object
 per line of a chunked response, each sent the moment it happens). Plus a few
 diagnostic endpoints under ``/revdial/``:
@@ -54,6 +56,9 @@ _WATCH_QUEUE = 256  # events buffered per watcher before it is dropped (as the a
 _HISTORY = 1000  # events kept for watches that resume from a resourceVersion
 _PATTERN_BLOCK = 64 * KiB
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: The namespaced resources served, by plural name, with their kinds.
+_KINDS = {"configmaps": "ConfigMap", "pods": "Pod"}
+_RESOURCES = {kind: resource for resource, kind in _KINDS.items()}
 
 
 def pattern(seed: int, size: int) -> Iterator[bytes]:
@@ -157,6 +162,7 @@ class _HTTPError(Exception):
 
 @dataclass(eq=False)
 class _Watcher:
+    resource: str
     namespace: str | None
     send: trio.MemorySendChannel[bytes]
 
@@ -183,7 +189,9 @@ class StandInAPIServer:
         for obj in self._namespaces.values():
             obj["status"] = {"phase": "Active"}
         self._configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-        self._history: deque[tuple[int, bytes, str]] = deque(maxlen=_HISTORY)
+        self._pods: dict[tuple[str, str], dict[str, Any]] = {}
+        #: ``(resourceVersion, event line, resource, namespace)`` of recent changes.
+        self._history: deque[tuple[int, bytes, str, str]] = deque(maxlen=_HISTORY)
         self._watchers: set[_Watcher] = set()
         #: Requests served so far, by ``METHOD path``.
         self.requests: list[str] = []
@@ -214,9 +222,10 @@ class StandInAPIServer:
         rv = int(obj["metadata"]["resourceVersion"])
         line = (json.dumps({"type": kind, "object": obj}) + "\n").encode()
         namespace = obj["metadata"].get("namespace")
-        self._history.append((rv, line, namespace))
+        resource = _RESOURCES[obj["kind"]]
+        self._history.append((rv, line, resource, namespace))
         for watcher in list(self._watchers):
-            if watcher.namespace not in (None, namespace):
+            if watcher.resource != resource or watcher.namespace not in (None, namespace):
                 continue
             try:
                 watcher.send.send_nowait(line)
@@ -257,6 +266,46 @@ class StandInAPIServer:
     def configmaps(self, namespace: str | None = None) -> list[dict[str, Any]]:
         return [o for (ns, _), o in sorted(self._configmaps.items())
                 if namespace in (None, ns)]
+
+    def create_pod(
+        self, namespace: str, name: str, *, phase: str = "Running", image: str = "nginx:1.27"
+    ) -> dict[str, Any]:
+        """Add a pod with one container (ready when ``phase`` is ``Running``)."""
+        if namespace not in self._namespaces:
+            raise KeyError(f"namespace {namespace!r} not found")
+        if (namespace, name) in self._pods:
+            raise ValueError(f'pods "{name}" already exists')
+        self._rv += 1
+        obj = self._object("Pod", namespace, name)
+        running = phase == "Running"
+        obj["spec"] = {"containers": [{"name": "main", "image": image}],
+                       "nodeName": "standin-node"}
+        obj["status"] = {
+            "phase": phase,
+            "podIP": f"10.244.0.{len(self._pods) % 250 + 2}",
+            "containerStatuses": [{
+                "name": "main", "image": image, "imageID": "", "ready": running,
+                "restartCount": 0, "started": running,
+                "state": {"running": {"startedAt": obj["metadata"]["creationTimestamp"]}}
+                if running else {"waiting": {"reason": "ContainerCreating"}},
+            }],
+        }
+        self._pods[namespace, name] = obj
+        self._emit("ADDED", obj)
+        return obj
+
+    def delete_pod(self, namespace: str, name: str) -> dict[str, Any]:
+        obj = self._pods.pop((namespace, name))
+        self._rv += 1
+        obj = {**obj, "metadata": {**obj["metadata"], "resourceVersion": str(self._rv)}}
+        self._emit("DELETED", obj)
+        return obj
+
+    def pods(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        return [o for (ns, _), o in sorted(self._pods.items()) if namespace in (None, ns)]
+
+    def _store(self, resource: str) -> dict[tuple[str, str], dict[str, Any]]:
+        return self._configmaps if resource == "configmaps" else self._pods
 
     # --- serving ------------------------------------------------------------
 
@@ -379,6 +428,9 @@ class StandInAPIServer:
                 {"name": "configmaps", "singularName": "configmap", "namespaced": True,
                  "kind": "ConfigMap", "shortNames": ["cm"],
                  "verbs": ["create", "delete", "get", "list", "update", "watch"]},
+                {"name": "pods", "singularName": "pod", "namespaced": True,
+                 "kind": "Pod", "shortNames": ["po"], "categories": ["all"],
+                 "verbs": ["delete", "get", "list", "watch"]},
             ]})
         elif parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
             if method != "GET":
@@ -391,16 +443,16 @@ class StandInAPIServer:
             else:
                 await req.respond(200, self._list("NamespaceList",
                                                   list(self._namespaces.values())))
-        elif parts == ["api", "v1", "configmaps"]:
-            await self._collection(req, None)
-        elif parts[:3] == ["api", "v1", "namespaces"] and parts[4:5] == ["configmaps"]:
-            namespace = parts[3]
+        elif len(parts) == 3 and parts[:2] == ["api", "v1"] and parts[2] in _KINDS:
+            await self._collection(req, parts[2], None)
+        elif parts[:3] == ["api", "v1", "namespaces"] and parts[4:5] and parts[4] in _KINDS:
+            namespace, resource = parts[3], parts[4]
             if namespace not in self._namespaces:
                 raise _HTTPError(404, "NotFound", f'namespaces "{namespace}" not found')
             if len(parts) == 5:
-                await self._collection(req, namespace)
+                await self._collection(req, resource, namespace)
             elif len(parts) == 6:
-                await self._item(req, namespace, parts[5])
+                await self._item(req, resource, namespace, parts[5])
             else:
                 raise _HTTPError(404, "NotFound", "the server could not find the requested "
                                  "resource")
@@ -411,13 +463,15 @@ class StandInAPIServer:
         return {"kind": kind, "apiVersion": "v1",
                 "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
-    async def _collection(self, req: _Request, namespace: str | None) -> None:
+    async def _collection(self, req: _Request, resource: str, namespace: str | None) -> None:
         if req.method == "GET":
             if req.query.get("watch") in ("1", "true"):
-                await self._watch(req, namespace)
+                await self._watch(req, resource, namespace)
             else:
-                await req.respond(200, self._list("ConfigMapList", self.configmaps(namespace)))
-        elif req.method == "POST" and namespace is not None:
+                items = [o for (ns, _), o in sorted(self._store(resource).items())
+                         if namespace in (None, ns)]
+                await req.respond(200, self._list(_KINDS[resource] + "List", items))
+        elif req.method == "POST" and namespace is not None and resource == "configmaps":
             body = await req.read_json()
             name = (body.get("metadata") or {}).get("name") if isinstance(body, dict) else None
             if not isinstance(name, str) or not name:
@@ -430,31 +484,35 @@ class StandInAPIServer:
         else:
             raise _HTTPError(405, "MethodNotAllowed", f"{req.method} is not supported here")
 
-    async def _item(self, req: _Request, namespace: str, name: str) -> None:
-        if (namespace, name) not in self._configmaps:
-            raise _HTTPError(404, "NotFound", f'configmaps "{name}" not found')
+    async def _item(self, req: _Request, resource: str, namespace: str, name: str) -> None:
+        store = self._store(resource)
+        if (namespace, name) not in store:
+            raise _HTTPError(404, "NotFound", f'{resource} "{name}" not found')
         if req.method == "GET":
-            await req.respond(200, self._configmaps[namespace, name])
-        elif req.method == "PUT":
+            await req.respond(200, store[namespace, name])
+        elif req.method == "PUT" and resource == "configmaps":
             body = await req.read_json()
             data = body.get("data") if isinstance(body, dict) else None
             await req.respond(200, self.replace_configmap(namespace, name, data or {}))
         elif req.method == "DELETE":
-            obj = self.delete_configmap(namespace, name)
+            delete = self.delete_configmap if resource == "configmaps" else self.delete_pod
+            obj = delete(namespace, name)
             status = _status(200, "", "")
-            status["details"] = {"name": name, "kind": "configmaps",
+            status["details"] = {"name": name, "kind": resource,
                                  "uid": obj["metadata"]["uid"]}
             await req.respond(200, status)
         else:
             raise _HTTPError(405, "MethodNotAllowed", f"{req.method} is not supported here")
 
-    async def _watch(self, req: _Request, namespace: str | None) -> None:
+    async def _watch(self, req: _Request, resource: str, namespace: str | None) -> None:
         send, receive = trio.open_memory_channel[bytes](_WATCH_QUEUE)
         rv_text = req.query.get("resourceVersion", "")
         initial: list[bytes] = []
         expired = False
         if rv_text in ("", "0"):
-            for obj in self.configmaps(namespace):
+            for (ns, _), obj in sorted(self._store(resource).items()):
+                if namespace not in (None, ns):
+                    continue
                 initial.append((json.dumps({"type": "ADDED", "object": obj}) + "\n").encode())
         else:
             try:
@@ -466,9 +524,9 @@ class StandInAPIServer:
                 initial.append((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
                 expired = True
             else:
-                initial += [line for rv, line, ns in self._history
-                            if rv > since and namespace in (None, ns)]
-        watcher = _Watcher(namespace, send)
+                initial += [line for rv, line, res, ns in self._history
+                            if rv > since and res == resource and namespace in (None, ns)]
+        watcher = _Watcher(resource, namespace, send)
         if expired:
             send.close()
         else:
@@ -720,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     async def run() -> None:
         api = StandInAPIServer(ssl_context=ctx)
         api.create_configmap("default", "example", {"hello": "world"})
+        api.create_pod("default", "web-0")
+        api.create_pod("default", "web-1")
         async with trio.open_nursery() as nursery:
             host, port = await nursery.start(api.serve, args.host, args.port)
             scheme = "https" if ctx else "http"
