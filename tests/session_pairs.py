@@ -91,6 +91,8 @@ class Valve(trio.abc.Stream):
         self.inner = inner
         self.silent = False
         self._gate: trio.Event | None = None
+        #: Sizes of the writes passed on to the transport, in order.
+        self.writes: list[int] = []
 
     def silence(self) -> None:
         """From now on nothing more is received (in-flight bytes are swallowed)."""
@@ -116,6 +118,7 @@ class Valve(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         while self._gate is not None:
             await self._gate.wait()
+        self.writes.append(len(data))
         await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -220,11 +223,15 @@ async def open_pair(
     client_key: str = "c1",
     session_key: int = 0,
     extensions: int = 0,
+    record: bool = True,
 ) -> AsyncIterator[Pair]:
     """A connected server/client session pair; both are cancelled on exit.
 
     ``extensions`` is the revdial extension version both sides use (0, the
-    default: plain remotedialer, what a Go peer speaks).
+    default: plain remotedialer, what a Go peer speaks). ``record=False``
+    hands the sessions trio-websocket's connections themselves, so that the
+    writer batches frames as in production (``server_ws.sent`` then stays
+    empty: count the transport's writes in ``server_side.valve.writes``).
     """
     server_limits = server_limits or limits
     client_limits = client_limits or limits
@@ -248,7 +255,7 @@ async def open_pair(
         )
         rec_server, rec_client = RecordingWS(server_ws), RecordingWS(client_ws)
         server = Session(
-            cast("WebSocketConnection", rec_server),
+            cast("WebSocketConnection", rec_server) if record else server_ws,
             server_side.activity,
             Role.SERVER,
             client_key=client_key,
@@ -257,7 +264,7 @@ async def open_pair(
             extensions=extensions,
         )
         client = Session(
-            cast("WebSocketConnection", rec_client),
+            cast("WebSocketConnection", rec_client) if record else client_ws,
             client_side.activity,
             Role.CLIENT,
             client_key="client",

@@ -84,3 +84,37 @@ def test_fresh_mask_key_per_frame() -> None:
     payload = os.urandom(64)
     keys = {_speedups.serialize_frame(proto, Opcode.BINARY, payload)[2:6] for _ in range(32)}
     assert len(keys) > 1
+
+
+def test_mask_keys_are_fresh_and_fetched_in_blocks() -> None:
+    calls: list[int] = []
+    returned: list[bytes] = []
+
+    def counting(n: int) -> bytes:
+        calls.append(n)
+        returned.append(os.urandom(n))
+        return returned[-1]
+
+    pool = _speedups.KeyPool(counting)
+    keys = [pool.take() for _ in range(3000)]
+    assert all(len(k) == 4 for k in keys)
+    # One syscall per 1,024 keys.
+    assert calls == [4096, 4096, 4096]
+    # Every key is the next 4 bytes of what the OS generator returned, used once.
+    assert b"".join(keys) == b"".join(returned)[: 4 * len(keys)]
+    assert len(set(keys)) > 2990  # 32-bit keys: a handful of collisions at most
+
+
+def test_client_frames_take_their_keys_from_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    blocks: list[bytes] = []
+
+    def urandom(n: int) -> bytes:
+        blocks.append(os.urandom(n))
+        return blocks[-1]
+
+    monkeypatch.setattr(_speedups, "mask_key", _speedups.KeyPool(urandom).take)
+    proto = FrameProtocol(client=True, extensions=[])
+    frames = [_speedups.serialize_frame(proto, Opcode.BINARY, b"abcd") for _ in range(8)]
+    keys = [f[2:6] for f in frames]  # header: 2 bytes, then the 4-byte key
+    assert len(blocks) == 1
+    assert b"".join(keys) == blocks[0][:32]

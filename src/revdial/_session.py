@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.events import BytesMessage
 
 from ._errors import (
     ProtocolError,
@@ -208,6 +210,65 @@ class _InlineDelivery:
             self.failed = exc
             # Wake Session._reader, which raises it in the session's own task.
             await self._channel.send(b"")
+
+
+#: Longest revdial header of a Data frame (four varints: id, conn id, type, deadline).
+_MAX_DATA_HEADER = 32
+#: trio-websocket releases whose private send path :class:`_BatchSender` knows.
+BATCH_TESTED_VERSIONS = ("0.12.",)
+
+
+class _BatchSender:
+    """Write several queued messages to the transport in one ``send_all``.
+
+    trio-websocket sends each message with its own ``send_all``: a syscall and
+    usually a trip through the event loop per frame. When the writer finds
+    several frames ready (many streams sending small messages), this
+    serializes each with the connection's wsproto object and writes them
+    together, under trio-websocket's own write lock, exactly as its private
+    ``WebSocketConnection._send`` does for one message (including the abort
+    on a broken transport). It relies on private attributes of trio-websocket
+    0.12 (``_wsproto``, ``_stream``, ``_stream_lock``, ``_close_reason``,
+    ``_abort_web_socket``): :meth:`install` returns None for any other
+    release, and the session falls back to one ``send_message`` per frame;
+    ``tests/test_batching.py`` fails loudly if the installed release is not
+    the one tested.
+    """
+
+    __slots__ = ("_ws",)
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+
+    @staticmethod
+    def supported(ws: object) -> bool:
+        version = getattr(trio_websocket, "__version__", "")
+        return (
+            isinstance(ws, WebSocketConnection)  # not a wrapper that records send_message
+            and version.startswith(BATCH_TESTED_VERSIONS)
+        ) and all(
+            hasattr(ws, name)
+            for name in ("_wsproto", "_stream", "_stream_lock", "_close_reason",
+                         "_abort_web_socket")
+        )
+
+    @classmethod
+    def install(cls, ws: WebSocketConnection) -> _BatchSender | None:
+        return cls(ws) if cls.supported(ws) else None
+
+    async def send(self, frames: list[bytes]) -> None:
+        """Send ``frames`` as binary messages in one write; ConnectionClosed if closed."""
+        ws: Any = self._ws
+        if ws._close_reason:
+            raise ConnectionClosed(ws._close_reason)
+        send = ws._wsproto.send
+        data = b"".join([send(BytesMessage(data=frame)) for frame in frames])
+        async with ws._stream_lock:
+            try:
+                await ws._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await ws._abort_web_socket()
+                raise ConnectionClosed(ws._close_reason) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -612,40 +673,76 @@ class Session:
         stream._dequeued(n)
         self._space_lot.unpark_all()
 
-    async def _writer(self) -> None:
+    def _next_frame(self) -> bytes | None:
+        """Take the next frame to write, in lane order, or None if nothing is queued."""
         urgent = self._urgent
-        fifo = self._fifo
+        if urgent:
+            return urgent.popleft()
         small = self._small
-        budget = self.limits.small_frame_budget
+        fifo = self._fifo
+        if small and (not fifo or self._small_run < self.limits.small_frame_budget):
+            frame, n, stream = small.popleft()
+            stream._small_pending = False
+            self._small_run += n
+            self._small_bytes -= n
+            self._taken(stream, n)
+            return frame
+        if fifo:
+            item = fifo.popleft()
+            self._fifo_out += 1
+            self._small_run = 0
+            if type(item) is tuple:
+                frame, n, stream = item
+                self._fifo_data_bytes -= n
+                self._taken(stream, n)
+                return frame
+            self._fifo_control -= 1
+            return item  # type: ignore[return-value]
+        return None
+
+    async def _writer(self) -> None:
         send = self.ws.send_message
+        batch_sender = _BatchSender.install(self.ws)
+        # Frames gathered into one write: at most this many bytes, so a batch
+        # never costs more than one extra copy of small frames; a frame larger
+        # than a small one is written alone (no copy of bulk data).
+        batch_bytes = self.limits.small_frame_budget
+        small_frame = self.limits.small_frame_bytes + _MAX_DATA_HEADER
         try:
             while True:
-                if urgent:
-                    await send(urgent.popleft())
-                elif small and (not fifo or self._small_run < budget):
-                    frame, n, stream = small.popleft()
-                    stream._small_pending = False
-                    self._small_run += n
-                    self._small_bytes -= n
-                    self._taken(stream, n)
-                    await send(frame)
-                elif fifo:
-                    item = fifo.popleft()
-                    self._fifo_out += 1
-                    self._small_run = 0
-                    if type(item) is tuple:
-                        frame, n, stream = item
-                        self._fifo_data_bytes -= n
-                        self._taken(stream, n)
-                        await send(frame)
-                    else:
-                        self._fifo_control -= 1
-                        await send(item)  # type: ignore[arg-type]
-                else:
+                frame = self._next_frame()
+                if frame is None:
                     await self._writer_lot.park()
+                    continue
+                if batch_sender is None or len(frame) > small_frame:
+                    await send(frame)
+                    continue
+                batch = [frame]
+                size = len(frame)
+                while size < batch_bytes and self._writer_has_small_next(small_frame):
+                    frame = self._next_frame()
+                    assert frame is not None
+                    batch.append(frame)
+                    size += len(frame)
+                if len(batch) == 1:
+                    await send(batch[0])
+                else:
+                    await batch_sender.send(batch)
         except ConnectionClosed:
             # The reader sees the same closure and ends the session.
             self._space_lot.unpark_all()
+
+    def _writer_has_small_next(self, limit: int) -> bool:
+        """Is the frame :meth:`_next_frame` would take next at most ``limit`` bytes?"""
+        if self._urgent:
+            return len(self._urgent[0]) <= limit
+        small, fifo = self._small, self._fifo
+        if small and (not fifo or self._small_run < self.limits.small_frame_budget):
+            return len(small[0][0]) <= limit
+        if fifo:
+            item = fifo[0]
+            return len(item[0] if type(item) is tuple else item) <= limit
+        return False
 
     async def _pinger(self) -> None:
         limits = self.limits
