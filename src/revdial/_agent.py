@@ -18,7 +18,13 @@ import trio
 from trio_websocket import ConnectionRejected, wrap_client_stream
 from trio_websocket import HandshakeError as WSHandshakeError
 
-from ._errors import HandshakeError, RevdialError, SessionLostError, exception_leaves
+from ._errors import (
+    HandshakeError,
+    RevdialError,
+    SessionLostError,
+    TunnelError,
+    exception_leaves,
+)
 from ._limits import DEFAULT_LIMITS, Limits
 from ._session import (
     EXTENSION_HEADER,
@@ -449,7 +455,17 @@ def make_connect_handler(
             reason = f"dial {proto} {address}: {_describe_oserror(exc)}"
         else:
             stream.session.dial_succeeded(stream)
-            await splice(stream, local, read_size=limits.read_size)
+            failure: TunnelError | None = None
+            try:
+                await splice(stream, local, read_size=limits.read_size)
+            except TunnelError as exc:
+                failure = exc
+            finally:
+                # Once per stream, whether the splice raised or was cancelled
+                # by the session's end; the target's connection was reset.
+                failure = failure or stream.error
+                if failure is not None:
+                    log.warning("connection to %s reset: %s", target, failure)
             return
         log.warning("dial to %s failed: %s", target, reason)
         stream.close_nowait(reason)
