@@ -141,19 +141,21 @@ async def open_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return accepted, connected
 
 
-async def read_until_reset(stream: trio.abc.Stream) -> int:
+async def read_until_reset(stream: trio.abc.Stream) -> bytes:
     """Read until the connection fails; assert it was *reset*, never an EOF.
 
-    Returns how many bytes arrived before the reset. A clean EOF (``b""``),
+    Returns the bytes that arrived before the reset. A clean EOF (``b""``),
     which is what a completed transfer looks like, fails the test.
     """
-    got = 0
+    got = bytearray()
     with pytest.raises(trio.BrokenResourceError) as info:  # noqa: PT012 -- the loop is the call
         while data := await stream.receive_some(256 * KiB):
-            got += len(data)
-        raise AssertionError(f"clean EOF after {got} bytes: a failure passed for an orderly end")
+            got += data
+        raise AssertionError(
+            f"clean EOF after {len(got)} bytes: a failure passed for an orderly end"
+        )
     assert isinstance(info.value.__cause__, ConnectionResetError), repr(info.value.__cause__)
-    return got
+    return bytes(got)
 
 
 async def echo_roundtrip(stream: trio.abc.Stream, payload: bytes) -> None:
