@@ -228,16 +228,14 @@ async def _serve_forward(server: Server, fwd: Forward, read_size: int,
             # trip less); a failed dial surfaces from the splice.
             tunnel = await server.dial(fwd.client_key, "tcp", fwd.target, wait=False)
         except DialError as exc:
-            log.warning("forward %s: %s; connection reset", fwd, exc)
+            log.warning("forward %s: %s", fwd, exc)
             await abort(local)
             return
         try:
             # A failure of the tunnel resets the client's connection (never a
             # clean FIN that would pass a truncated transfer off as complete).
             await splice(tunnel, local, read_size=read_size)
-        except DialError as exc:
-            log.warning("forward %s: %s; connection reset", fwd, exc)
-        except TunnelError as exc:
+        except TunnelError as exc:  # a DialError too: the client may have sent data
             log.warning("forward %s: connection reset: %s", fwd, exc)
         except Exception:
             # One connection's failure must never stop the forward.
