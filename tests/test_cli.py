@@ -490,8 +490,10 @@ async def test_server_killed_mid_upload_resets_the_target(tmp_path: Path) -> Non
 
 async def test_stream_reset_by_the_far_end_resets_the_near_end(tmp_path: Path) -> None:
     """A target that resets mid-download resets the client; a client that
-    resets mid-upload resets the target -- through both processes."""
+    resets mid-upload resets the target; a dial that fails after the client's
+    early data resets the client -- through both processes."""
     sink = Sink.new()
+    (closed,) = free_ports(1)  # allowed, nothing listens: connection refused
 
     async def resetting_source(stream: trio.SocketStream) -> None:
         for chunk in pattern(9, 2 * MiB):
@@ -502,9 +504,12 @@ async def test_stream_reset_by_the_far_end_resets_the_near_end(tmp_path: Path) -
         serve_target(echo_handler) as echo,
         serve_target(resetting_source) as source,
         serve_target(sink) as target,
-        run_pair(tmp_path, echo, source, target) as pair,
+        run_pair(tmp_path, echo, source, target, closed) as pair,
     ):
         with trio.fail_after(20):
+            async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[closed]) as client:
+                await client.send_all(b"early data, before the dial is known to fail")
+                assert await read_until_reset(client) == b""
             async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[source]) as client:
                 got = await read_until_reset(client)
                 assert len(got) <= 2 * MiB
@@ -519,7 +524,9 @@ async def test_stream_reset_by_the_far_end_resets_the_near_end(tmp_path: Path) -
             # Both processes are still up: only the streams were reset.
             async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[echo]) as client:
                 await echo_roundtrip(client, b"still here")
-        assert "connection reset:" in pair.server.output()
+            # Logged with the cause (the socket is reset before the line is written).
+            await wait_log(pair.server, f"127.0.0.1:{closed}: connection reset: dial")
+            await wait_log(pair.server, f"127.0.0.1:{source}: connection reset: stream")
 
 
 async def test_orderly_ends_close_cleanly_through_processes(

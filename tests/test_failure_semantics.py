@@ -14,6 +14,7 @@ through real ``revdial server``/``revdial agent`` processes are in
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 
 import pytest
@@ -24,7 +25,7 @@ import trustme
 import revdial
 from conftest import KiB, open_tcp_pair, read_until_reset, receive_exactly
 from revdial._limits import DEFAULT_LIMITS
-from session_pairs import open_pair
+from session_pairs import SMALL_LIMITS, data_frame, open_pair, open_raw_client
 
 PING_TIMEOUT = DEFAULT_LIMITS.ping_timeout
 READ = 64 * KiB
@@ -194,6 +195,32 @@ async def test_cancelled_splice_resets_both_sides() -> None:
                 with pytest.raises(revdial.StreamResetError) as info:
                     await agent.receive_some()
                 assert info.value.reason == revdial.ABORT_REASON
+
+
+async def test_stream_reset_for_overrun_resets_the_local_socket() -> None:
+    """A peer that ignores Pause gets its stream reset (a limit): the local
+    socket behind it is reset too, not closed as if the transfer were done."""
+    async with open_raw_client(limits=SMALL_LIMITS) as (server, peer):
+        with trio.fail_after(10):
+            stream = server.open_stream("tcp", "x:1")
+            cid = (await peer.receive()).conn_id
+            local, client = await open_tcp_pair()
+            # Small socket buffers: the splice blocks writing to ``local`` while
+            # the client does not read, so the stream's buffer fills up.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * KiB)
+            local.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * KiB)
+            async with client, trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    with pytest.raises(revdial.StreamResetError, match="overran"):
+                        await revdial.splice(stream, local, read_size=READ)
+
+                nursery.start_soon(run)
+                frame = bytes(16 * KiB)
+                while server.statistics().streams:  # until the overrun reset
+                    await peer.send(data_frame(cid, frame))
+                    await trio.testing.wait_all_tasks_blocked()
+                await read_until_reset(client)
 
 
 # --- keepalive timeout (MockClock) ------------------------------------------------
