@@ -23,12 +23,21 @@ import trio.testing
 import trustme
 
 import revdial
-from conftest import KiB, open_tcp_pair, read_until_reset, receive_exactly
+from conftest import KiB, open_tcp_pair, read_until_reset, receive_exactly, serve_target
 from revdial._limits import DEFAULT_LIMITS
 from session_pairs import SMALL_LIMITS, data_frame, open_pair, open_raw_client
 
 PING_TIMEOUT = DEFAULT_LIMITS.ping_timeout
 READ = 64 * KiB
+
+
+async def receive_until(stream: trio.abc.Stream, marker: bytes) -> bytes:
+    buf = b""
+    while marker not in buf:
+        data = await stream.receive_some()
+        assert data, f"EOF before {marker!r}: {buf!r}"
+        buf += data
+    return buf
 
 
 # --- abort() -------------------------------------------------------------------
@@ -276,3 +285,35 @@ async def test_agent_keepalive_timeout_resets_the_target_and_logs_once(
     assert len(resets) == 1, [r.message for r in caplog.records]
     assert resets[0].levelno == logging.WARNING
     assert "keepalive" in resets[0].message
+
+
+# --- the agent's HTTP proxy on a tunnel stream ------------------------------------
+
+
+async def test_agent_proxy_resets_its_tunnel_stream_when_the_upstream_dies() -> None:
+    """Mid-response, the agent's proxy resets the tunnel stream (with the
+    cause as the reason): the front door on the other end never sees EOF."""
+    received = trio.Event()
+
+    async def dying_upstream(stream: trio.SocketStream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst part")
+        await received.wait()
+        await revdial.abort(stream)
+
+    async with (
+        serve_target(dying_upstream) as port,
+        open_pair(extensions=1) as p,
+        revdial.ReverseProxy(f"http://127.0.0.1:{port}") as proxy,
+    ):
+        with trio.fail_after(10):
+            ours, agent = await p.open()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(proxy, agent)
+                await ours.send_all(b"GET /logs?follow=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await receive_until(ours, b"first part")).startswith(b"HTTP/1.1 200 ")
+                received.set()
+                with pytest.raises(revdial.StreamResetError) as info:
+                    await ours.receive_some()
+                assert info.value.reason.startswith("revdial: response aborted: upstream failed")
+            assert proxy.statistics().aborted_responses == 1

@@ -843,7 +843,7 @@ class HTTPForwarder:
         """
         down = _Downstream(stream, self.limits)
         linger = False
-        aborted = False
+        aborted: str | None = None
         try:
             while True:
                 with trio.move_on_after(self.limits.idle_timeout):
@@ -868,14 +868,16 @@ class HTTPForwarder:
                     return
         except _DownstreamGone:
             pass
-        except _Aborted:
-            aborted = True
+        except _Aborted as exc:
+            aborted = f"revdial: response aborted: {exc}"[:200]
         except BaseException:
-            aborted = down.mid_response  # cancelled in the middle of a response
+            if down.mid_response:  # cancelled in the middle of a response
+                aborted = "revdial: response aborted: cancelled"
             raise
         finally:
-            if aborted:
-                await abort(stream)
+            if aborted is not None:
+                # A tunnel stream's peer sees this text as the reset's reason.
+                await abort(stream, aborted)
             else:
                 await down.close(linger=linger)
 
