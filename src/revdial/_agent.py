@@ -430,7 +430,11 @@ def make_connect_handler(
 
     A refused or failed dial closes only that stream, with an Error text a Go
     server shows its caller (``dial tcp ADDR: connect: connection refused``);
-    the session lives on.
+    the session lives on. A dialled connection is spliced with
+    :func:`~revdial.splice`: when the stream fails (session lost, reset by the
+    server) or the handler is cancelled (the session ended), the target's
+    connection is reset, never closed with a FIN, and the failure is logged
+    once at warning with its cause.
     """
     policy = _as_policy(allow)
     virtual = dict(services or {})
