@@ -44,7 +44,8 @@ async def abort(stream: trio.abc.Stream, reason: str | None = None) -> None:
     * :class:`trio.SocketStream` (also under a :class:`trio.SSLStream`, with
       no ``close_notify``): ``SO_LINGER`` 0, then close -- the peer's next
       read fails with ``ECONNRESET`` instead of returning EOF. Unsent data in
-      the socket's buffer is discarded.
+      the socket's buffer is discarded. (A unix socket has no reset: it is
+      closed, and its peer reads EOF.)
     * :class:`~revdial.TunnelStream`: ``close_nowait(reason)`` -- an Error
       frame with ``reason`` (never ``EOF``), which the peer raises as
       :class:`~revdial.StreamResetError` and, with revdial, turns into a reset
