@@ -130,6 +130,34 @@ async def receive_exactly(stream: trio.abc.Stream, n: int) -> bytes:
     return bytes(buf)
 
 
+async def open_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    """Two ends of one loopback TCP connection: ``(accepted, connected)``."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listeners[0] as listener:
+        port = listener.socket.getsockname()[1]
+        connected = await trio.open_tcp_stream("127.0.0.1", port)
+        accepted = await listener.accept()
+    assert isinstance(accepted, trio.SocketStream)
+    return accepted, connected
+
+
+async def read_until_reset(stream: trio.abc.Stream) -> bytes:
+    """Read until the connection fails; assert it was *reset*, never an EOF.
+
+    Returns the bytes that arrived before the reset. A clean EOF (``b""``),
+    which is what a completed transfer looks like, fails the test.
+    """
+    got = bytearray()
+    with pytest.raises(trio.BrokenResourceError) as info:  # noqa: PT012 -- the loop is the call
+        while data := await stream.receive_some(256 * KiB):
+            got += data
+        raise AssertionError(
+            f"clean EOF after {len(got)} bytes: a failure passed for an orderly end"
+        )
+    assert isinstance(info.value.__cause__, ConnectionResetError), repr(info.value.__cause__)
+    return bytes(got)
+
+
 async def echo_roundtrip(stream: trio.abc.Stream, payload: bytes) -> None:
     """Send ``payload`` to an echo service and check it comes back intact."""
     async with trio.open_nursery() as nursery:

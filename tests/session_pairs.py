@@ -43,7 +43,7 @@ from trio_websocket import (
 from revdial import Limits, Session, TunnelStream
 from revdial._frames import ExtType, Frame, MessageType, decode, encode, encode_sync
 from revdial._limits import DEFAULT_LIMITS
-from revdial._session import ActivityStream
+from revdial._session import ActivityStream, ConnectHandler
 from revdial._state import Role
 from revdial.testing import websocket_handshake
 
@@ -224,6 +224,7 @@ async def open_pair(
     session_key: int = 0,
     extensions: int = 0,
     record: bool = True,
+    on_connect: ConnectHandler | None = None,
 ) -> AsyncIterator[Pair]:
     """A connected server/client session pair; both are cancelled on exit.
 
@@ -232,6 +233,9 @@ async def open_pair(
     hands the sessions trio-websocket's connections themselves, so that the
     writer batches frames as in production (``server_ws.sent`` then stays
     empty: count the transport's writes in ``server_side.valve.writes``).
+    ``on_connect`` replaces the client side's Connect handler (e.g. the
+    agent's real one, :func:`revdial.make_connect_handler`); :meth:`Pair.accept`
+    and ``behaviours`` then see nothing.
     """
     server_limits = server_limits or limits
     client_limits = client_limits or limits
@@ -240,7 +244,7 @@ async def open_pair(
     server_side, client_side = _side(server_raw), _side(client_raw)
     send, receive = trio.open_memory_channel[TunnelStream](math.inf)
 
-    async def on_connect(stream: TunnelStream, proto: str, address: str) -> None:
+    async def accept_connect(stream: TunnelStream, proto: str, address: str) -> None:
         stream.session.dial_succeeded(stream)
         behaviour = behaviours.get(address)
         if behaviour is not None:
@@ -269,7 +273,7 @@ async def open_pair(
             Role.CLIENT,
             client_key="client",
             limits=client_limits,
-            on_connect=on_connect,
+            on_connect=on_connect or accept_connect,
             extensions=extensions,
         )
         started_at = trio.current_time()

@@ -8,6 +8,7 @@ combined output goes to a file under ``tmp_path`` so no pipe can fill up.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,14 +27,19 @@ import pytest
 import trio
 import trustme
 
+import revdial
 from conftest import (
     TOKEN,
     MiB,
+    Targets,
+    download_and_check,
     echo_handler,
     echo_roundtrip,
     pattern,
+    read_until_reset,
     receive_exactly,
     serve_target,
+    wait_until,
 )
 
 CLIENT = "c1"
@@ -386,3 +392,174 @@ async def test_two_processes_tls_tokens_file_and_env_token(tmp_path: Path) -> No
         assert "wss://" in pair.agent.output()
         assert TOKEN not in pair.server.output()
         assert TOKEN not in pair.agent.output()
+
+
+# --- failure semantics (issue #15): a broken tunnel resets, an orderly end closes ----
+
+
+async def endless_source(stream: trio.SocketStream) -> None:
+    """A download that never ends: any EOF its client sees is a lie."""
+    chunk = next(pattern(7, 256 * 1024))
+    while True:
+        await stream.send_all(chunk)
+
+
+@dataclass
+class Sink:
+    """A target that reads forever; records whether its connection was reset."""
+
+    #: set once ``threshold`` bytes arrived
+    started: trio.Event
+    #: set when the connection ended (``reset`` says how)
+    ended: trio.Event
+    threshold: int = 1 * MiB
+    received: int = 0
+    reset: bool | None = None
+
+    @classmethod
+    def new(cls) -> Sink:
+        return cls(trio.Event(), trio.Event())
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        try:
+            while data := await stream.receive_some(256 * 1024):
+                self.received += len(data)
+                if self.received >= self.threshold:
+                    self.started.set()
+            self.reset = False  # a clean FIN: the upload looks complete
+        except trio.BrokenResourceError as exc:
+            self.reset = isinstance(exc.__cause__, ConnectionResetError)
+        finally:
+            self.ended.set()
+
+
+async def send_forever(stream: trio.SocketStream) -> None:
+    chunk = next(pattern(8, 256 * 1024))
+    with contextlib.suppress(trio.BrokenResourceError):
+        while True:
+            await stream.send_all(chunk)
+
+
+async def wait_log(proc: Proc, text: str) -> str:
+    """Wait until ``text`` appears in the process's log (polled, bounded)."""
+    await wait_until(lambda: text in proc.output())
+    return proc.output()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+async def test_agent_killed_mid_download_resets_the_client(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    async with (
+        serve_target(echo_handler) as echo,
+        serve_target(endless_source) as source,
+        run_pair(tmp_path, echo, source) as pair,
+    ):
+        with trio.fail_after(20):
+            async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[source]) as client:
+                await receive_exactly(client, 1 * MiB)
+                pair.agent.process.send_signal(signum)
+                await read_until_reset(client)  # never EOF
+            # (Only this forward's: the echo stream that proved the tunnel up may
+            # still be closing when the agent dies, and be reset too.)
+            mark = f"127.0.0.1:{source}: connection reset:"
+            out = await wait_log(pair.server, mark)
+        resets = [line for line in out.splitlines() if mark in line]
+        assert len(resets) == 1, resets
+        assert "WARNING" in resets[0]
+        # Killed: the session is lost. Terminated: the agent may still get its
+        # own resets of the streams out before it closes the session.
+        causes = ["session lost"] + (["reset by peer"] if signum == signal.SIGTERM else [])
+        assert any(cause in resets[0] for cause in causes), resets[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+async def test_server_killed_mid_upload_resets_the_target(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    sink = Sink.new()
+    async with (
+        serve_target(echo_handler) as echo,
+        serve_target(sink) as target,
+        run_pair(tmp_path, echo, target) as pair,
+    ):
+        with trio.fail_after(20):
+            async with (
+                await trio.open_tcp_stream("127.0.0.1", pair.forwards[target]) as client,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(send_forever, client)
+                await sink.started.wait()
+                pair.server.process.send_signal(signum)
+                await sink.ended.wait()
+            assert sink.reset is True, "the target saw a clean FIN: a truncated upload"
+            out = await wait_log(pair.agent, f"connection to tcp/127.0.0.1:{target} reset")
+        resets = [line for line in out.splitlines() if f"127.0.0.1:{target} reset" in line]
+        assert len(resets) == 1, resets
+        assert "WARNING" in resets[0]
+        causes = ["session lost"] + (["reset by peer"] if signum == signal.SIGTERM else [])
+        assert any(cause in resets[0] for cause in causes), resets[0]
+
+
+async def test_stream_reset_by_the_far_end_resets_the_near_end(tmp_path: Path) -> None:
+    """A target that resets mid-download resets the client; a client that
+    resets mid-upload resets the target; a dial that fails after the client's
+    early data resets the client -- through both processes."""
+    sink = Sink.new()
+    (closed,) = free_ports(1)  # allowed, nothing listens: connection refused
+
+    async def resetting_source(stream: trio.SocketStream) -> None:
+        for chunk in pattern(9, 2 * MiB):
+            await stream.send_all(chunk)
+        await revdial.abort(stream)
+
+    async with (
+        serve_target(echo_handler) as echo,
+        serve_target(resetting_source) as source,
+        serve_target(sink) as target,
+        run_pair(tmp_path, echo, source, target, closed) as pair,
+    ):
+        with trio.fail_after(20):
+            async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[closed]) as client:
+                await client.send_all(b"early data, before the dial is known to fail")
+                assert await read_until_reset(client) == b""
+            async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[source]) as client:
+                got = await read_until_reset(client)
+                assert len(got) <= 2 * MiB
+            client = await trio.open_tcp_stream("127.0.0.1", pair.forwards[target])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_forever, client)
+                await sink.started.wait()
+                nursery.cancel_scope.cancel()
+            await revdial.abort(client)  # the uploading client resets
+            await sink.ended.wait()
+            assert sink.reset is True, "the target saw a clean FIN: a truncated upload"
+            # Both processes are still up: only the streams were reset.
+            async with await trio.open_tcp_stream("127.0.0.1", pair.forwards[echo]) as client:
+                await echo_roundtrip(client, b"still here")
+            # Logged with the cause (the socket is reset before the line is written).
+            await wait_log(pair.server, f"127.0.0.1:{closed}: connection reset: dial")
+            await wait_log(pair.server, f"127.0.0.1:{source}: connection reset: stream")
+
+
+async def test_orderly_ends_close_cleanly_through_processes(
+    tmp_path: Path, targets: Targets
+) -> None:
+    """A complete download ends in EOF with every byte; half-close still
+    carries an upload whose end is the client's FIN."""
+    async with run_pair(tmp_path, targets.echo, targets.download, targets.sha_eof) as pair:
+        with trio.fail_after(20):
+            async with await trio.open_tcp_stream(
+                "127.0.0.1", pair.forwards[targets.download]
+            ) as client:
+                await download_and_check(client, 8 * MiB, seed=11)  # checksum, then EOF
+            async with await trio.open_tcp_stream(
+                "127.0.0.1", pair.forwards[targets.sha_eof]
+            ) as client:
+                data = b"".join(pattern(12, 4 * MiB))
+                await client.send_all(data)
+                await client.send_eof()
+                assert await receive_exactly(client, 32) == hashlib.sha256(data).digest()
+                assert await client.receive_some() == b""
+        assert "connection reset:" not in pair.server.output()
+        assert " reset: " not in pair.agent.output()

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import ssl
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -31,7 +32,15 @@ import trustme
 from trio_websocket import wrap_client_stream
 
 import revdial
-from conftest import TOKEN, MiB, agent_headers, free_port, wait_until, ws_url
+from conftest import (
+    TOKEN,
+    MiB,
+    agent_headers,
+    free_port,
+    read_until_reset,
+    wait_until,
+    ws_url,
+)
 from revdial._cli import main as cli_main
 from revdial._standin import HTTPConnection, HTTPResponse, StandInAPIServer, pattern, pattern_sha256
 
@@ -274,6 +283,71 @@ async def test_watch_events_arrive_as_they_happen(cluster: Cluster) -> None:
                 assert (event["type"], obj["metadata"]["name"]) == ("ADDED", f"cm{i}")
             cluster.api.delete_configmap("default", "cm0")
             assert (await next_event())["type"] == "DELETED"
+
+
+WATCH = f"{K8S}/api/v1/namespaces/default/configmaps?watch=1"
+
+
+async def test_agent_killed_mid_watch_aborts_the_client(cluster: Cluster) -> None:
+    """The agent dies while a chunked watch streams: the user's connection is
+    reset -- never a terminating chunk that would pass for the watch's end."""
+    cluster.api.create_configmap("default", "before")
+    with trio.fail_after(10):
+        client = await trio.open_tcp_stream("127.0.0.1", cluster.port)
+        async with client:
+            await client.send_all(
+                f"GET {WATCH} HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {USER}\r\n\r\n".encode()
+            )
+            got = b""
+            while b'"before"' not in got:
+                data = await client.receive_some()
+                assert data, got
+                got += data
+            assert got.startswith(b"HTTP/1.1 200 ")
+            assert b"transfer-encoding: chunked" in got.lower()
+            cluster.agent_scope.cancel()  # the agent dies: its socket closes at once
+            rest = await read_until_reset(client)
+        assert not (got + rest).endswith(b"0\r\n\r\n")  # no terminating chunk
+    stats = cluster.front_door.statistics()
+    assert (stats.aborted_responses, stats.active_requests) == (1, 0)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+async def test_agent_killed_mid_watch_curl_sees_a_failure(cluster: Cluster) -> None:
+    cluster.api.create_configmap("default", "before")
+    with trio.fail_after(15):
+        async with trio.open_nursery() as nursery:
+            curl = await nursery.start(partial(
+                trio.run_process,
+                ["curl", "-sS", "-N", "--max-time", "10",
+                 "-H", f"Authorization: Bearer {USER}",
+                 f"http://127.0.0.1:{cluster.port}{WATCH}"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False,
+            ))
+            assert curl.stdout is not None
+            out = b""
+            while b'"before"' not in out:
+                data = await curl.stdout.receive_some()
+                assert data, out
+                out += data
+            cluster.agent_scope.cancel()
+            while await curl.stdout.receive_some():
+                pass
+        # 18: transfer closed with outstanding read data (partial file);
+        # 56: failure receiving (connection reset). 0 would be a clean end.
+        assert curl.returncode in (18, 56), curl.returncode
+    assert cluster.front_door.statistics().aborted_responses == 1
+
+
+async def test_completed_watch_still_ends_cleanly(cluster: Cluster) -> None:
+    with trio.fail_after(10):
+        async with await cluster.connect() as conn:
+            resp = await conn.request("GET", f"{WATCH}&timeoutSeconds=1",
+                                      headers=[("Authorization", f"Bearer {USER}")])
+        assert resp.status == 200
+    assert cluster.front_door.statistics().aborted_responses == 0
+    assert cluster.proxy.statistics().aborted_responses == 0
 
 
 async def test_websocket_upgrade_echo(cluster: Cluster) -> None:

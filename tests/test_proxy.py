@@ -22,6 +22,8 @@ import pytest
 import trio
 import trio.testing
 
+import revdial
+from conftest import open_tcp_pair, read_until_reset, serve_target
 from revdial._proxy import (
     PROXY_ADDRESS,
     PROXY_TARGET,
@@ -741,16 +743,95 @@ async def test_upstream_answering_before_the_body_ends() -> None:
     assert (resp.status, resp.body) == (413, b"too big\n")
 
 
-async def test_upstream_failing_mid_response_closes_downstream() -> None:
+async def test_upstream_failing_mid_response_aborts_downstream() -> None:
     async def truncating(up: Upstream, stream: trio.abc.Stream) -> None:
         await stream.receive_some()
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-this")
 
     with trio.fail_after(10):
         async with open_proxy(truncating) as (proxy, _, nursery):
-            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert raw.startswith(b"HTTP/1.1 200 ")
-    assert raw.endswith(b"only-this")  # short of Content-Length: the client can tell
+            ours, client = await open_tcp_pair()
+            nursery.start_soon(proxy, ours)
+            async with client:
+                await client.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                head = await receive_until(client, b"only-this")
+                assert head.startswith(b"HTTP/1.1 200 ")
+                # Short of Content-Length, and reset rather than closed.
+                assert await read_until_reset(client) == b""
+            assert proxy.statistics().aborted_responses == 1
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+async def test_upstream_reset_mid_body_aborts_downstream(version: bytes) -> None:
+    """An upstream that resets mid-body: the client never sees an end of body.
+
+    HTTP/1.1 gets a chunked body, which must not get its terminating chunk;
+    HTTP/1.0 a close-delimited one, where only a reset (not a FIN) tells
+    the client the body is short.
+    """
+    received = trio.Event()
+
+    async def resetting(stream: trio.SocketStream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        await stream.send_all(b"part of the body")
+        await received.wait()
+        await revdial.abort(stream)  # the upstream dies mid-body
+
+    with trio.fail_after(10):
+        async with serve_target(resetting) as port, trio.open_nursery() as nursery:
+            proxy = ReverseProxy(f"http://127.0.0.1:{port}")
+            ours, client = await open_tcp_pair()
+            nursery.start_soon(proxy, ours)
+            async with client:
+                await client.send_all(b"GET /watch HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+                got = await receive_until(client, b"part of the body")
+                chunked = b"transfer-encoding: chunked" in got.lower()
+                assert chunked == (version == b"1.1")
+                received.set()
+                assert await read_until_reset(client) == b""
+            stats = proxy.statistics()
+            assert (stats.aborted_responses, stats.active_requests) == (1, 0)
+            await proxy.aclose()
+
+
+async def test_complete_close_delimited_body_still_closes_cleanly() -> None:
+    async def complete(stream: trio.SocketStream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.0 200 OK\r\n\r\nthe whole body")
+
+    with trio.fail_after(10):
+        async with serve_target(complete) as port, trio.open_nursery() as nursery:
+            proxy = ReverseProxy(f"http://127.0.0.1:{port}")
+            ours, client = await open_tcp_pair()
+            nursery.start_soon(proxy, ours)
+            async with client:
+                await client.send_all(b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+                raw = await read_all(client)  # EOF, no reset
+            assert raw.endswith(b"\r\n\r\nthe whole body")
+            assert proxy.statistics().aborted_responses == 0
+
+
+async def test_upgraded_connection_reset_upstream_resets_downstream() -> None:
+    async def upgrading(stream: trio.SocketStream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 101 Switching Protocols\r\n"
+                              b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\nhello")
+        await receive_until(stream, b"ping")
+        await revdial.abort(stream)
+
+    with trio.fail_after(10):
+        async with serve_target(upgrading) as port, trio.open_nursery() as nursery:
+            proxy = ReverseProxy(f"http://127.0.0.1:{port}")
+            ours, client = await open_tcp_pair()
+            nursery.start_soon(proxy, ours)
+            async with client:
+                await client.send_all(b"POST /exec HTTP/1.1\r\nHost: a\r\n"
+                                      b"Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n")
+                assert (await receive_until(client, b"hello")).startswith(b"HTTP/1.1 101 ")
+                await client.send_all(b"ping")
+                assert await read_until_reset(client) == b""
+            assert proxy.statistics().aborted_responses == 1
 
 
 # --- keep-alive and the pool --------------------------------------------------------

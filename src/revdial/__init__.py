@@ -52,12 +52,13 @@ from ._server import (
     token_authorizer,
 )
 from ._session import Session, SessionStatistics
-from ._splice import splice
+from ._splice import ABORT_REASON, abort, splice
 from ._stream import TunnelStream
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "ABORT_REASON",
     "DEFAULT_LIMITS",
     "DEFAULT_PROXY_LIMITS",
     "PROXY_ADDRESS",
@@ -95,6 +96,7 @@ __all__ = [
     "TunnelError",
     "TunnelStream",
     "UserTokens",
+    "abort",
     "connect",
     "default_dialer",
     "make_connect_handler",

@@ -18,7 +18,13 @@ import trio
 from trio_websocket import ConnectionRejected, wrap_client_stream
 from trio_websocket import HandshakeError as WSHandshakeError
 
-from ._errors import HandshakeError, RevdialError, SessionLostError, exception_leaves
+from ._errors import (
+    HandshakeError,
+    RevdialError,
+    SessionLostError,
+    TunnelError,
+    exception_leaves,
+)
 from ._limits import DEFAULT_LIMITS, Limits
 from ._session import (
     EXTENSION_HEADER,
@@ -424,7 +430,11 @@ def make_connect_handler(
 
     A refused or failed dial closes only that stream, with an Error text a Go
     server shows its caller (``dial tcp ADDR: connect: connection refused``);
-    the session lives on.
+    the session lives on. A dialled connection is spliced with
+    :func:`~revdial.splice`: when the stream fails (session lost, reset by the
+    server) or the handler is cancelled (the session ended), the target's
+    connection is reset, never closed with a FIN, and the failure is logged
+    once at warning with its cause.
     """
     policy = _as_policy(allow)
     virtual = dict(services or {})
@@ -449,7 +459,17 @@ def make_connect_handler(
             reason = f"dial {proto} {address}: {_describe_oserror(exc)}"
         else:
             stream.session.dial_succeeded(stream)
-            await splice(stream, local, read_size=limits.read_size)
+            failure: TunnelError | None = None
+            try:
+                await splice(stream, local, read_size=limits.read_size)
+            except TunnelError as exc:
+                failure = exc
+            finally:
+                # Once per stream, whether the splice raised or was cancelled
+                # by the session's end; the target's connection was reset.
+                failure = failure or stream.error
+                if failure is not None:
+                    log.warning("connection to %s reset: %s", target, failure)
             return
         log.warning("dial to %s failed: %s", target, reason)
         stream.close_nowait(reason)

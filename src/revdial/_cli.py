@@ -18,7 +18,7 @@ from ._errors import DialError, RevdialError, TunnelError, exception_leaves
 from ._frontdoor import FrontDoor, make_kubeconfig, read_user_tokens
 from ._proxy import PROXY_TARGET, ReverseProxy, make_upstream_ssl_context
 from ._server import Authorizer, HandshakeRequest, Server, token_authorizer
-from ._splice import splice
+from ._splice import abort, splice
 
 __all__ = ["Forward", "main", "parse_forward", "read_tokens_file"]
 
@@ -232,14 +232,14 @@ async def _serve_forward(server: Server, fwd: Forward, read_size: int,
             tunnel = await server.dial(fwd.client_key, "tcp", fwd.target, wait=False)
         except DialError as exc:
             log.warning("forward %s: %s", fwd, exc)
-            await trio.aclose_forcefully(local)
+            await abort(local)
             return
         try:
+            # A failure of the tunnel resets the client's connection (never a
+            # clean FIN that would pass a truncated transfer off as complete).
             await splice(tunnel, local, read_size=read_size)
-        except DialError as exc:
-            log.warning("forward %s: %s", fwd, exc)
-        except TunnelError as exc:
-            log.info("forward %s: connection ended: %s", fwd, exc)
+        except TunnelError as exc:  # a DialError too: the client may have sent data
+            log.warning("forward %s: connection reset: %s", fwd, exc)
         except Exception:
             # One connection's failure must never stop the forward.
             log.exception("forward %s: unexpected error", fwd)

@@ -63,9 +63,16 @@ after which the downstream connection is closed cleanly:
 504    upstream connect or response head timed out
 =====  ==========================================================
 
-Once a response head has been sent downstream a failure can only be shown by
-closing the connection early (a truncated body is detectable by the client:
-short Content-Length, or no final chunk).
+Once a response head has been sent downstream a failure can no longer be
+answered with a status: the downstream connection is then *aborted* -- a TCP
+reset (``SO_LINGER`` 0), or an Error frame other than ``EOF`` on a tunnel
+stream -- never closed cleanly, so not even a close-delimited body (HTTP/1.0,
+``Connection: close``) can pass for complete: no terminating chunk, no
+padding, no FIN. Each such abort is logged once and counted in
+``ProxyStatistics.aborted_responses``. The same holds after an upgrade: a
+failure of either side resets the other, only an EOF is passed on as a close.
+An upstream connection whose exchange failed (a truncated request body, a
+dead tunnel) is aborted too; a client's orderly close still closes it.
 
 A reused pooled connection that turns out to be dead (the upstream closed it
 while idle) is retried once on a fresh connection when the request has no
@@ -97,6 +104,7 @@ import h11
 import trio
 
 from ._errors import TunnelError
+from ._splice import abort
 from ._stream import TunnelStream
 
 __all__ = [
@@ -178,6 +186,10 @@ class ProxyStatistics:
     idle_connections: int
     #: Upstream connections opened so far (``requests`` minus this: reuses).
     connections_opened: int
+    #: Responses cut off after their head was sent, because the upstream (or
+    #: the tunnel to it) failed, or upgraded connections that ended in a
+    #: failure of either side: the downstream connection was aborted.
+    aborted_responses: int = 0
 
 
 # --- exceptions used inside the proxy (never escape it) -------------------------
@@ -195,6 +207,14 @@ class _Answer(Exception):
 
 class _DownstreamGone(Exception):
     """The downstream connection closed or broke: nobody to answer."""
+
+
+class _ClientClosed(_DownstreamGone):
+    """The client closed its connection in order (EOF) during an exchange."""
+
+
+class _Aborted(Exception):
+    """A response was started and cannot be completed: abort the downstream."""
 
 
 class _UpstreamFailed(Exception):
@@ -540,6 +560,11 @@ class _Downstream:
             _error_bytes(exc.status, exc.message, exc.headers, head_only=self.method == b"HEAD")
         )
 
+    @property
+    def mid_response(self) -> bool:
+        """A response (or an upgraded connection) was started and is not finished."""
+        return self.responded and self.conn.our_state in (h11.SEND_BODY, h11.SWITCHED_PROTOCOL)
+
     async def close(self, *, linger: bool) -> None:
         """Close cleanly; ``linger`` drains unread request bytes first (TCP only)."""
         stream = self.stream
@@ -713,23 +738,27 @@ async def _close_all(conns: Iterable[_Upstream]) -> None:
         await conn.aclose()
 
 
-async def _pipe(a: trio.abc.Stream, b: trio.abc.Stream, read_size: int) -> None:
+async def _pipe(a: trio.abc.Stream, b: trio.abc.Stream, read_size: int) -> str | None:
     """Copy bytes both ways until either side ends (EOF or error).
 
-    The caller closes both streams afterwards.
+    Returns ``None`` after an EOF, else what failed (the caller then aborts
+    both streams instead of closing them). The caller closes both streams.
     """
+    failure: str | None = None
 
     async def copy(src: trio.abc.Stream, dst: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        nonlocal failure
         try:
             while data := await src.receive_some(read_size):
                 await dst.send_all(data)
-        except _STREAM_ERRORS:
-            pass
+        except _STREAM_ERRORS as exc:
+            failure = failure or _describe(exc)
         scope.cancel()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(copy, a, b, nursery.cancel_scope)
         nursery.start_soon(copy, b, a, nursery.cancel_scope)
+    return failure
 
 
 def _request_framing(request: h11.Request) -> bytes | None:
@@ -781,6 +810,7 @@ class HTTPForwarder:
         self._pool = _Pool(limits)
         self._active = 0
         self._requests = 0
+        self._aborted = 0
 
     def statistics(self) -> ProxyStatistics:
         return ProxyStatistics(
@@ -788,6 +818,7 @@ class HTTPForwarder:
             requests=self._requests,
             idle_connections=self._pool.count,
             connections_opened=self._pool.opened,
+            aborted_responses=self._aborted,
         )
 
     async def aclose(self) -> None:
@@ -805,10 +836,14 @@ class HTTPForwarder:
         """Serve HTTP/1.1 requests on ``stream`` until it closes; then close it.
 
         Never raises for anything the downstream or upstream does; on
-        cancellation both connections are closed.
+        cancellation both connections are closed. A response that cannot be
+        completed (the upstream or the tunnel failed after its head was sent,
+        or cancellation in the middle of it) aborts ``stream`` (see
+        :func:`revdial.abort`) instead of closing it.
         """
         down = _Downstream(stream, self.limits)
         linger = False
+        aborted: str | None = None
         try:
             while True:
                 with trio.move_on_after(self.limits.idle_timeout):
@@ -833,8 +868,18 @@ class HTTPForwarder:
                     return
         except _DownstreamGone:
             pass
+        except _Aborted as exc:
+            aborted = f"revdial: response aborted: {exc}"[:200]
+        except BaseException:
+            if down.mid_response:  # cancelled in the middle of a response
+                aborted = "revdial: response aborted: cancelled"
+            raise
         finally:
-            await down.close(linger=linger)
+            if aborted is not None:
+                # A tunnel stream's peer sees this text as the reset's reason.
+                await abort(stream, aborted)
+            else:
+                await down.close(linger=linger)
 
     async def _cycle(
         self,
@@ -921,6 +966,7 @@ class HTTPForwarder:
     ) -> bool:
         x = _Exchange(down, up, upgrade)
         keep = False
+        done = False
         try:
             try:
                 await up.send(head)
@@ -938,21 +984,26 @@ class HTTPForwarder:
                         nursery.start_soon(down.watch_close, self._client_gone(x))
                     try:
                         keep = await self._respond(x, route, may_retry)
-                    except (_Answer, _Retry, _DownstreamGone) as exc:
+                    except (_Answer, _Retry, _DownstreamGone, _Aborted) as exc:
                         x.fail(exc)
                     nursery.cancel_scope.cancel()
             if x.error is not None:
                 raise x.error
+            done = True
             return keep and down.conn.their_state is h11.DONE
         finally:
-            if x.error is None and up.reusable and down.responded:
+            if done and up.reusable and down.responded:
                 await _close_all(self._pool.put(up))
-            else:
+            elif done or isinstance(x.error, _ClientClosed):
                 await up.aclose()
+            else:
+                # The exchange failed: a truncated request body (or upgraded
+                # stream) must not look complete upstream either.
+                await abort(up.stream)
 
     @staticmethod
     def _client_gone(x: _Exchange) -> Callable[[], None]:
-        return lambda: x.fail(_DownstreamGone("the client closed the connection"))
+        return lambda: x.fail(_ClientClosed("the client closed the connection"))
 
     async def _pump_request(self, x: _Exchange) -> None:
         """Downstream request body -> upstream, then watch the downstream for EOF."""
@@ -1005,7 +1056,7 @@ class HTTPForwarder:
             raise route.classify(exc) from None
         self._log_response(route, event)
         if isinstance(event, h11.InformationalResponse):
-            await self._switch(x, event)
+            await self._switch(x, route, event)
             return False
         raw = list(event.headers.raw_items())
         chunked = bool(_comma_tokens(raw, b"transfer-encoding"))
@@ -1027,7 +1078,7 @@ class HTTPForwarder:
                         size = 0
                     body = await up.next_event()
             except _UpstreamFailed as exc:
-                raise _DownstreamGone(f"upstream failed mid-response: {exc}") from exc
+                raise self._abort(route, f"upstream failed mid-response: {exc}") from exc
             if isinstance(body, h11.Data):
                 out.append(down.encode(h11.Data(data=body.data)))
             elif isinstance(body, h11.EndOfMessage):
@@ -1035,8 +1086,15 @@ class HTTPForwarder:
                 await down.send_raw(b"".join(out))
                 return True
             else:
-                raise _DownstreamGone(f"unexpected {type(body).__name__} in a response")
+                raise self._abort(route, f"unexpected {type(body).__name__} in a response")
             size += len(out[-1])
+
+    def _abort(self, route: Route, why: str) -> _Aborted:
+        """Count and log (once) a response cut off mid-way; the caller raises it."""
+        self._aborted += 1
+        log.warning("%s %s: response aborted: %s", route.key,
+                    route.target[:200].decode("latin-1"), why)
+        return _Aborted(why)
 
     @staticmethod
     def _log_response(route: Route, event: h11.Event) -> None:
@@ -1044,7 +1102,9 @@ class HTTPForwarder:
             status = getattr(event, "status_code", "?")
             log.debug("%s %s -> %s", route.key, route.target[:200].decode("latin-1"), status)
 
-    async def _switch(self, x: _Exchange, event: h11.InformationalResponse) -> None:
+    async def _switch(
+        self, x: _Exchange, route: Route, event: h11.InformationalResponse
+    ) -> None:
         """After the upstream's 101: answer 101 downstream, then splice raw bytes."""
         down, up = x.down, x.up
         if x.upgrade is None:
@@ -1063,9 +1123,11 @@ class HTTPForwarder:
                 await down.stream.send_all(from_up)
             if from_down:
                 await up.stream.send_all(from_down)
-            await _pipe(down.stream, up.stream, self.limits.read_size)
-        except _STREAM_ERRORS:
-            pass
+            failure = await _pipe(down.stream, up.stream, self.limits.read_size)
+        except _STREAM_ERRORS as exc:
+            failure = _describe(exc)
+        if failure is not None:
+            raise self._abort(route, f"upgraded connection failed: {failure}")
 
 
 # --- the agent's proxy ---------------------------------------------------------

@@ -1,13 +1,72 @@
-"""Pipe a tunnel stream and a local stream into each other."""
+"""Pipe a tunnel stream and a local stream into each other; abort on failure.
+
+Failure semantics
+-----------------
+A stream that ends because something *failed* must never look like one that
+ended in order. Protocols that mark the end of their data by closing (an
+HTTP/1.0 body, ``Connection: close``, ``cat file | nc``, bulk loads) would
+take a truncated transfer for the whole of it. So:
+
+* an orderly end -- the peer's EOF or half-close, the local side's EOF --
+  becomes a FIN on the local socket and an ``EOF`` Error frame (or the
+  revdial half-close) on the tunnel;
+* any failure -- session lost, stream reset by the peer, a dial error after
+  early data, a stream reset for exceeding limits, the local socket reset,
+  cancellation -- *aborts* both sides: the local socket is reset (RST,
+  ``SO_LINGER`` 0 before close) and the tunnel stream is closed with an error
+  text, which the peer turns into a reset of its own socket.
+
+:func:`abort` is that second kind of close, for any stream.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import socket
+import struct
 
 import trio
 
 from ._errors import TunnelError
 from ._stream import TunnelStream
 
-__all__ = ["splice"]
+__all__ = ["ABORT_REASON", "abort", "splice"]
+
+#: The Error text :func:`abort` sends on a tunnel stream when given no reason.
+ABORT_REASON = "revdial: connection aborted"
+#: ``struct linger`` with l_onoff=1, l_linger=0: close() sends RST, not FIN.
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+async def abort(stream: trio.abc.Stream, reason: str | None = None) -> None:
+    """Close ``stream`` so that its peer sees a failure, never an orderly end.
+
+    * :class:`trio.SocketStream` (also under a :class:`trio.SSLStream`, with
+      no ``close_notify``): ``SO_LINGER`` 0, then close -- the peer's next
+      read fails with ``ECONNRESET`` instead of returning EOF. Unsent data in
+      the socket's buffer is discarded. (A unix socket has no reset: it is
+      closed, and its peer reads EOF.)
+    * :class:`~revdial.TunnelStream`: ``close_nowait(reason)`` -- an Error
+      frame with ``reason`` (never ``EOF``), which the peer raises as
+      :class:`~revdial.StreamResetError` and, with revdial, turns into a reset
+      of its own socket.
+    * Any other stream: :func:`trio.aclose_forcefully`.
+
+    Idempotent, never raises, and closes even when cancelled (it is a
+    checkpoint, like ``aclose_forcefully``).
+    """
+    if isinstance(stream, TunnelStream):
+        stream.close_nowait(reason if reason and reason != "EOF" else ABORT_REASON)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return
+    transport: trio.abc.Stream = stream
+    while isinstance(transport, trio.SSLStream):
+        transport = transport.transport_stream
+    if isinstance(transport, trio.SocketStream):
+        # Already closed, or a socket that does not linger: close it anyway.
+        with contextlib.suppress(OSError, trio.ClosedResourceError):
+            transport.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    await trio.aclose_forcefully(stream)
 
 
 async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int) -> None:
@@ -22,14 +81,24 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
     the tunnel had already received are always written to ``local`` before
     its EOF is passed on.
 
+    Only an orderly end closes cleanly (FIN on ``local``, ``EOF`` on the
+    tunnel). A failure on either side, or cancellation, aborts both with
+    :func:`abort`: ``local`` is reset and the tunnel stream is closed with an
+    error text, so neither peer can take a truncated transfer for a complete
+    one.
+
     Raises the tunnel's :class:`~revdial.TunnelError` if the tunnel side
-    failed (one exception, never a group). A failure of the local socket ends
-    the splice quietly and closes the tunnel stream with the error text, so
-    the peer learns why.
+    failed (one exception, never a group); log it, it says why (session lost,
+    reset by the peer, dial error). A failure of the local socket ends the
+    splice quietly and closes the tunnel stream with the error text, so the
+    peer learns why. On cancellation both sides are aborted and
+    :class:`trio.Cancelled` propagates (the tunnel's failure, if it failed
+    first, is still in :attr:`TunnelStream.error`).
     """
     half = tunnel.supports_half_close and isinstance(local, trio.abc.HalfCloseableStream)
     local_error: str | None = None
     tunnel_error: TunnelError | None = None
+    orderly = False
 
     async def tunnel_to_local() -> None:
         nonlocal local_error, tunnel_error
@@ -70,9 +139,14 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
             # matters when an agent holds tens of thousands of idle streams.
             nursery.start_soon(local_to_tunnel)
             await tunnel_to_local()
+        orderly = tunnel_error is None and local_error is None and tunnel.error is None
     finally:
-        tunnel.close_nowait(local_error)
         with trio.CancelScope(shield=True):
-            await trio.aclose_forcefully(local)
+            if orderly:
+                tunnel.close_nowait()
+                await trio.aclose_forcefully(local)
+            else:
+                await abort(tunnel, local_error)
+                await abort(local)
     if tunnel_error is not None:
         raise tunnel_error

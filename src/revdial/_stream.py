@@ -138,6 +138,20 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         return self._peer_eof or self._error is not None
 
     @property
+    def error(self) -> TunnelError | None:
+        """The failure that ended the stream, or ``None``.
+
+        Set when the session was lost (:class:`~revdial.SessionLostError`),
+        the peer reset the stream or it was reset for exceeding a limit
+        (:class:`~revdial.StreamResetError`), or the dial failed
+        (:class:`~revdial.DialError`); ``None`` while the stream is healthy
+        and after an orderly close. Lets a caller that was cancelled (a
+        session's handlers are, when it ends) still say why.
+        """
+        error = self._error
+        return error if isinstance(error, TunnelError) else None
+
+    @property
     def supports_half_close(self) -> bool:
         """True if :meth:`send_eof` works (the session negotiated extension v1)."""
         return self._session.extensions >= 1
