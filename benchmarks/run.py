@@ -4,7 +4,8 @@ Quick by default (about 15-20 minutes on 2 cores): iperf3 5 s, message sizes
 3 s, fairness 5 s, memory 15 s, streams 1k/10k x 3 and 50k x 1. ``--full`` uses
 the issue's settings: iperf3 10 s, memory 60 s (``--long``), 50k x 3. Each
 benchmark runs as its own process; one that fails is reported and the rest go
-on. ``benchmarks/http_path.py`` is included when it exists.
+on. ``benchmarks/http_path.py`` is included when it exists, ``smallreq`` when
+``wrk`` and ``nginx`` are installed.
 
     python -m benchmarks.run [--full] [--only iperf dialrate ...] [--skip ...]
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +35,8 @@ def plan(full: bool) -> dict[str, list[str]]:
     }
     if importlib.util.find_spec("benchmarks.http_path") is not None:
         steps["http_path"] = []  # its own defaults
+    if shutil.which("wrk") and (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")):
+        steps["smallreq"] = ["--seconds", "5", "--repeat", "3"]
     return steps
 
 
