@@ -1,6 +1,6 @@
 """House rule 1: the protocol core does no I/O and reads no clock.
 
-``_frames``, ``_state``, ``_errors`` and ``_limits`` may import the standard
+``_frames``, ``_state``, ``_errors``, ``_limits`` and ``_backoff`` may import the standard
 library (minus anything that does I/O, reads time or randomness, or imports
 by name at run time) and each other, with relative imports only. This is
 checked on the source (AST), so an import hidden in a function or behind
@@ -17,7 +17,7 @@ import pytest
 
 import revdial
 
-SANS_IO_MODULES = ("_errors", "_frames", "_limits", "_state")
+SANS_IO_MODULES = ("_backoff", "_errors", "_frames", "_limits", "_state")
 
 #: Standard-library modules the core must not use even though they are stdlib.
 FORBIDDEN = frozenset(

@@ -18,6 +18,7 @@ import trio
 from trio_websocket import ConnectionRejected, wrap_client_stream
 from trio_websocket import HandshakeError as WSHandshakeError
 
+from ._backoff import Backoff
 from ._errors import (
     HandshakeError,
     RevdialError,
@@ -268,7 +269,7 @@ class Agent:
         ssl_context: ssl.SSLContext | None = None,
         limits: Limits = DEFAULT_LIMITS,
         dialer: Dialer = default_dialer,
-        backoff_initial: float = 1.0,
+        backoff_initial: float = 0.25,
         backoff_max: float = 30.0,
         extensions: bool = True,
         services: Mapping[str, StreamHandler] | None = None,
@@ -299,17 +300,23 @@ class Agent:
             ssl.create_default_context() if self._secure else None
         )
         self.limits = limits
+        Backoff(random.random, backoff_initial, backoff_max)  # validate now, not at a failure
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         #: The live session, if any.
         self.session: Session | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep a session up forever, reconnecting with capped exponential
-        backoff plus jitter. ``task_status.started()`` fires once the first
+        """Keep a session up forever, reconnecting after every failure.
+
+        The waits follow :class:`~revdial._backoff.Backoff`: quick first
+        retries (``backoff_initial``, 0.25 s, then doubling with jitter up to
+        ``backoff_max``), and back to the quickest after any session that was
+        up for a second, so a restarted server gets its agents back within
+        about a second. ``task_status.started()`` fires once the first
         session is up. Only cancellation ends it.
         """
-        delay = self._backoff_initial
+        backoff = Backoff(random.random, self._backoff_initial, self._backoff_max)
         started = False
         while True:
             up_since: float | None = None
@@ -326,12 +333,10 @@ class Agent:
                 log.info("session to %s ended", self.url)
             except (RevdialError, OSError, trio.BrokenResourceError) as exc:
                 log.warning("tunnel to %s: %s", self.url, exc)
-            if up_since is not None and trio.current_time() - up_since > self._backoff_max:
-                delay = self._backoff_initial
-            wait = random.uniform(delay / 2, delay)
-            log.info("reconnecting in %.1f s", wait)
+            lasted = None if up_since is None else trio.current_time() - up_since
+            wait = backoff.session_ended(lasted)
+            log.info("reconnecting in %.2f s", wait)
             await trio.sleep(wait)
-            delay = min(delay * 2, self._backoff_max)
 
     async def run_once(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
