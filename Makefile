@@ -28,7 +28,7 @@ help:
 	@echo "make lint       ruff check"
 	@echo "make typecheck  mypy --strict (config in pyproject.toml)"
 	@echo "make pytest     run the test suite"
-	@echo "make fuzz       short fuzz run of the frame codec and state machine"
+	@echo "make fuzz       every fuzz campaign, sharing SECONDS (default 40)"
 	@echo "make bench      run the benchmarks"
 	@echo "make clean      remove $(VENV), caches and build output"
 
@@ -60,9 +60,12 @@ pytest: $(STAMP)
 	@echo "==> pytest"
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=120
 
+# Every campaign in fuzz/ shares SECONDS (make test runs 40 s in all; a long
+# campaign: make fuzz SECONDS=3600).
+SECONDS ?= 40
 fuzz: $(STAMP)
-	@echo "==> fuzz (frames, state)"
-	$(BIN)/python -m fuzz.fuzz_frames --seconds 15 && $(BIN)/python -m fuzz.fuzz_state --seconds 15
+	@echo "==> fuzz (frames, state, proxy, cli: $(SECONDS) s in all)"
+	$(BIN)/python -m fuzz --seconds $(SECONDS)
 
 # Sequential on purpose (prerequisites of a phony target could run in
 # parallel under -j); stops at the first failing step.

@@ -1,13 +1,16 @@
-"""Time-boxed fuzzers for the sans-I/O core, driven by hypothesis (no atheris).
+"""Time-boxed fuzz campaigns, driven by hypothesis (no atheris).
 
 Run from the repository root::
 
+    python -m fuzz --seconds 60            # every campaign, sharing the budget
     python -m fuzz.fuzz_frames --seconds 20
     python -m fuzz.fuzz_state --seconds 20 [--seed N]
+    python -m fuzz.fuzz_proxy --seconds 20
+    python -m fuzz.fuzz_cli --seconds 20
 
 Each fuzzer runs a hypothesis test in rounds (fresh seed per round, no example
 database) until the time budget is spent, then prints one line,
-``<name>: N inputs, F failures in S s``. On a failure hypothesis shrinks the
+``<name>: N inputs in S s, F failures``. On a failure hypothesis shrinks the
 input; the minimal reproducer is printed as hex and the exit status is 1.
 
 The invariant is h11's: every input is accepted, or rejected with
@@ -166,7 +169,7 @@ def main(
             break
     elapsed = time.monotonic() - start
     failures = 1 if error is not None else 0
-    print(f"{name}: {run.inputs} inputs, {failures} failures in {elapsed:.1f} s")
+    print(f"{name}: {run.inputs} inputs in {elapsed:.1f} s, {failures} failures", flush=True)
     if error is None:
         return 0
     last = run.failures[-1] if run.failures else Failure("(unknown)", repr(error))

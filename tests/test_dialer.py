@@ -9,7 +9,7 @@ import socket
 import pytest
 import trio
 
-from revdial._agent import _literal_family, default_dialer
+from revdial._agent import AllowPolicy, _literal_family, default_dialer
 
 
 def _has_ipv6() -> bool:
@@ -85,3 +85,18 @@ async def test_default_dialer_unknown_network() -> None:
     with pytest.raises(OSError, match="unknown network udp") as info:
         await default_dialer("udp", "127.0.0.1:53")
     assert info.value.errno == errno.EPROTONOSUPPORT
+
+
+def test_allow_policy_ports_are_numbers() -> None:
+    """Found by fuzz/fuzz_cli.py: ``--allow host:022`` never matched a dial to port 22."""
+    policy = AllowPolicy(["db:022", "[::1]:8443", "*:443", "cache:*"])
+    assert policy("tcp", "db:22")
+    assert policy("tcp", "[::1]:8443")
+    assert policy("tcp", "anything.example:443")
+    assert policy("tcp", "cache:6379")
+    assert not policy("tcp", "db:23")
+    assert not policy("tcp", "localhost:22")  # hosts as written, no DNS
+    assert not policy("udp", "db:22")
+    for bad in ("db:0", "db:65536", "db:http", "db", ":22"):
+        with pytest.raises(ValueError, match="allow pattern"):
+            AllowPolicy([bad])

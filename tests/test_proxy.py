@@ -650,6 +650,9 @@ async def test_malformed_requests(request_bytes: bytes, status: int) -> None:
         pytest.param(b"Content-Length: 5, 5\r\n", id="cl-list"),
         pytest.param(b"content-length: 5\r\nTransfer-Encoding: identity, chunked\r\n",
                      id="cl-te-list"),
+        pytest.param(b"X-A: b\r\n Transfer-Encoding: chunked\r\n", id="obs-fold"),
+        pytest.param(b"X-A: b\r\n\tx\r\nContent-Length: 5\r\n", id="obs-fold-tab"),
+        pytest.param(b"X-A: b\rTransfer-Encoding: chunked\r\n", id="bare-cr"),
     ],
 )
 async def test_request_smuggling_is_refused(framing: bytes) -> None:
@@ -663,6 +666,19 @@ async def test_request_smuggling_is_refused(framing: bytes) -> None:
     assert raw.count(b"HTTP/1.1") == 1  # nothing after the refusal was served
 
 
+async def test_refused_head_request_gets_no_body() -> None:
+    """Found by fuzz/fuzz_proxy.py: a HEAD refused before h11 parsed it got a body."""
+    request = b"HEAD / HTTP/1.0\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
+    with trio.fail_after(10):
+        async with open_proxy(never_called) as (proxy, up, nursery):
+            raw = await raw_exchange(nursery, proxy, request)
+    assert status_of(raw) == 400
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-length: " in head.lower()
+    assert body == b""  # RFC 9110 9.3.2: a response to HEAD has no content
+    assert up.connections == 0
+
+
 async def test_headers_too_large_431() -> None:
     limits = ProxyLimits(max_header_bytes=8 * KiB)
     with trio.fail_after(10):
@@ -671,6 +687,11 @@ async def test_headers_too_large_431() -> None:
                 nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
             )
             assert status_of(raw) == 431
+            head = await raw_exchange(  # found by fuzz/fuzz_proxy.py
+                nursery, proxy, b"HEAD / HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n"
+            )
+            assert status_of(head) == 431
+            assert head.endswith(b"\r\n\r\n")  # no body in an answer to HEAD
             # Also when the head never ends.
             client = downstream(nursery, proxy)
             await client.send_all(b"GET / HTTP/1.1\r\nX-Endless: " + b"b" * 20_000)

@@ -102,6 +102,11 @@ class AllowPolicy:
             host, sep, port = pattern.rpartition(":")
             if not sep or not host or not (port == "*" or port.isdigit()):
                 raise ValueError(f"allow pattern {pattern!r} is not HOST:PORT or unix:PATH")
+            if port != "*":
+                number = int(port)
+                if not 0 < number < 65536:
+                    raise ValueError(f"allow pattern {pattern!r}: port out of range")
+                port = str(number)  # "022" allows what a dial to port 22 asks for
             self._tcp.add((host.strip("[]").lower(), port))
 
     def __repr__(self) -> str:

@@ -352,7 +352,16 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 
 
 def _framing_problem(head: bytes) -> str | None:
-    """Smuggling checks h11 does not make (it merges equal Content-Lengths)."""
+    """Smuggling checks h11 does not make.
+
+    h11 merges equal Content-Lengths and unfolds obs-fold (RFC 9112 5.2 lets
+    a server do either); a proxy refuses both, and a bare CR (RFC 9112 2.2),
+    so that no intermediary before or after it can read the head differently.
+    """
+    if b"\n " in head or b"\n\t" in head:
+        return "obs-fold (a header line starting with whitespace)"
+    if head.count(b"\r") != head.count(b"\r\n"):
+        return "bare CR"
     content_length = 0
     transfer_encoding = False
     for line in head.split(b"\n")[1:]:
@@ -453,6 +462,15 @@ class _Downstream:
         except _STREAM_ERRORS as exc:
             raise _DownstreamGone(_describe(exc)) from exc
 
+    def _note_method(self) -> None:
+        """Take the method from the request line before h11 parses the head.
+
+        It decides whether an error answer may carry a body (never for HEAD),
+        also for a head refused before h11 sees it (431, smuggling).
+        """
+        space = self.buf.find(b" ", 0, 64)
+        self.method = bytes(self.buf[:space]) if space > 0 else b"GET"
+
     async def read_request(self) -> h11.Request | None:
         """The next request head; ``None`` after a clean close between requests.
 
@@ -468,6 +486,7 @@ class _Downstream:
             if match is not None:
                 break
             if len(self.buf) > limit:
+                self._note_method()
                 raise _Answer(431, "request header fields too large")
             if self.eof:
                 if self.buf:
@@ -475,6 +494,7 @@ class _Downstream:
                 return None
             scanned = len(self.buf)
             self.buf += await self._receive()
+        self._note_method()
         end = match.end()
         if end > limit:
             raise _Answer(431, "request header fields too large")
