@@ -356,7 +356,6 @@ FATAL_MESSAGES: dict[str, bytes | str] = {
     "data without deadline": b"\x02\x04\x02",
     "sync of bad length": encode(Frame(1, 0, MessageType.SYNC_CONNECTIONS, b"\x01\x02\x03")),
     "connect without slash": encode(Frame(1, 9, MessageType.CONNECT, b"tcp:x")),
-    "connect for an id in use": connect_frame(2, "tcp/x:1"),
     "malformed add client": encode(Frame(1, 0, MessageType.ADD_CLIENT, b"no-slash")),
     "malformed remove client": encode(Frame(1, 0, MessageType.REMOVE_CLIENT, b"k/notanumber")),
 }
@@ -507,6 +506,99 @@ async def test_sync_reaps_unlisted_streams_older_than_grace(
         assert server.statistics() == ZERO
         with pytest.raises(revdial.StreamResetError):
             await young.receive_some()
+
+
+async def test_connect_reusing_a_live_id_resets_only_that_stream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """One bad frame costs its own stream: the session, and the new stream, go on."""
+    async with open_raw_server() as (client, peer, accepted):
+        await peer.send(connect_frame(5, "tcp/a:1"))
+        await peer.send(connect_frame(6, "tcp/other:1"))
+        with trio.fail_after(1):
+            old = await accepted.receive()
+            other = await accepted.receive()
+        await peer.send(data_frame(5, b"for the old one"))
+        assert await old.receive_some() == b"for the old one"
+        await peer.send(data_frame(5, b"unread"))
+        await peer.round_trip()
+
+        await peer.send(connect_frame(5, "tcp/b:2"))  # id 5 again, while in use
+        with trio.fail_after(1):
+            new = await accepted.receive()
+        with pytest.raises(revdial.StreamResetError, match="reused its connection id"):
+            await old.receive_some()
+        with pytest.raises(revdial.StreamResetError):
+            await old.send_all(b"never sent")
+        await old.aclose()  # closing the old stream must not close the new one
+        await peer.send(data_frame(5, b"for the new one"))
+        assert await new.receive_some() == b"for the new one"
+        await new.send_all(b"reply")
+        reply = await peer.receive()
+        assert (reply.type, reply.conn_id, reply.payload) == (MessageType.DATA, 5, b"reply")
+        assert client.is_open
+        assert client.statistics().streams == 2  # the new 5 and 6
+
+        await new.aclose()
+        await other.aclose()
+        closes = [await peer.receive(), await peer.receive()]
+        # Exactly one EOF for id 5 (the new stream's), none for the replaced one.
+        assert sorted((f.type, f.conn_id, f.payload) for f in closes) == [
+            (MessageType.ERROR, 5, b"EOF"), (MessageType.ERROR, 6, b"EOF")]
+        await peer.round_trip()
+        assert [f for f in peer.pending() if f.conn_id == 5] == []
+        assert client.statistics() == ZERO
+
+
+async def test_agent_reusing_a_server_id_resets_that_stream_only(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A Connect from the agent for an id the server opened: that stream is reset,
+    the Connect refused (the server does not dial), the session goes on."""
+    async with open_raw_client() as (server, peer):
+        talked = server.open_stream("tcp", "x:1")
+        assert (await peer.receive()).conn_id == talked.conn_id
+        await peer.send(connect_frame(talked.conn_id, "tcp/evil:1"))
+        with pytest.raises(revdial.StreamResetError):
+            await talked.receive_some()
+        refusal = await peer.receive()
+        assert (refusal.type, refusal.conn_id) == (MessageType.ERROR, talked.conn_id)
+        assert server.is_open
+        await talked.aclose()
+        await peer.round_trip()
+        assert server.statistics() == ZERO
+
+
+async def test_replaced_stream_data_still_queued_is_dropped(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Data the old stream queued must not reach the connection that took its id."""
+    async with open_raw_server() as (client, peer, accepted):
+        await peer.send(connect_frame(5, "tcp/a:1"))
+        await peer.send(connect_frame(6, "tcp/other:1"))
+        with trio.fail_after(1):
+            old = await accepted.receive()
+            other = await accepted.receive()
+        await peer.round_trip()
+        valve = peer.session_side.valve
+        valve.clog()
+        await other.send_all(b"in flight")  # the writer takes it and blocks
+        await wait_all_tasks_blocked()
+        await old.send_all(b"queued behind it")
+        assert client.statistics().outbox_bytes == len(b"queued behind it")
+        await peer.send(connect_frame(5, "tcp/b:2"))
+        with trio.fail_after(1):
+            new = await accepted.receive()
+        assert client.statistics().outbox_bytes == 0
+        valve.unclog()
+        first = await peer.receive()
+        assert (first.conn_id, first.payload) == (6, b"in flight")
+        await new.send_all(b"new")
+        second = await peer.receive()
+        assert (second.conn_id, second.payload) == (5, b"new")
+        await old.aclose()
+        await peer.round_trip()
+        assert peer.pending() == []
 
 
 async def test_client_sends_sync_every_interval(autojump_clock: trio.abc.Clock) -> None:

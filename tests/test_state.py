@@ -872,12 +872,23 @@ def test_connect_registers_dialing_conn() -> None:
     assert drain(client) == []
 
 
-def test_connect_for_id_in_use_ends_the_session() -> None:
-    """Deviation: Go silently replaces the entry (PROTOCOL 3.1); we end the session."""
+def test_connect_for_id_in_use_replaces_it() -> None:
+    """As Go (PROTOCOL 3.1): the new Connect takes the id; the session goes on."""
     client = SessionState(Role.CLIENT)
     client.receive(msg(2, MessageType.CONNECT, b"tcp/a:1"), 0.0)
-    with pytest.raises(ProtocolError):
-        client.receive(msg(2, MessageType.CONNECT, b"tcp/b:2"), 0.0)
+    client.dial_succeeded(2)
+    client.receive(msg(2, MessageType.DATA, b"12345"), 0.0)
+    assert client.buffered_total == 5
+    drain(client)
+    event = client.receive(msg(2, MessageType.CONNECT, b"tcp/b:2"), 1.0)
+    assert event == ConnectRequested(2, "tcp", "b:2", replaced=True)
+    # The old connection's unread bytes are no longer counted; the new one dials.
+    assert client.buffered_total == 0
+    assert phase(client, 2) is ConnPhase.DIALING
+    assert client.conns[2].target == "tcp/b:2"
+    # No Error for the old one: the id now names the new connection.
+    assert drain(client) == []
+    assert client.receive(msg(2, MessageType.DATA, b"new"), 1.0) == DataReceived(2, b"new")
 
 
 def test_stream_limit() -> None:

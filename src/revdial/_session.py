@@ -641,6 +641,8 @@ class Session:
 
     def _accept_connect(self, event: ConnectRequested) -> None:
         target = f"{event.proto}/{event.address}"
+        if event.replaced:
+            self._replace_stream(event.conn_id, target)
         if self._on_connect is None or self._nursery is None:
             log.warning(
                 "session %s (%s): refused Connect %s from the peer: this side does not dial",
@@ -653,6 +655,50 @@ class Session:
         stream = TunnelStream(self, event.conn_id, target, opened_by_us=False)
         self._streams[event.conn_id] = stream
         self._nursery.start_soon(self._run_handler, self._on_connect, stream, event)
+
+    def _replace_stream(self, conn_id: int, target: str) -> None:
+        """The peer reused ``conn_id`` for a new Connect: fail the old stream here.
+
+        No Error frame (the id now names the new connection), and the old
+        stream's queued Data is dropped so that none of it reaches the new one.
+        """
+        old = self._streams.pop(conn_id, None)
+        log.warning(
+            "session %s (%s): peer reused connection id %s for a Connect to %s; "
+            "the stream that had it is reset",
+            self.id, self.client_key, conn_id, target,
+        )
+        if old is None:
+            return
+        old._detach()
+        self._drop_queued(old)
+        old._fail(
+            StreamResetError(
+                f"stream {old.target} reset: the peer reused its connection id",
+                reason="connection id reused by the peer",
+            ),
+            drop_buffer=True,
+        )
+
+    def _drop_queued(self, stream: TunnelStream) -> None:
+        """Remove ``stream``'s Data frames from both lanes of the outbox."""
+        if stream._small_pending:
+            for small in self._small:
+                if small[2] is stream:
+                    self._small.remove(small)
+                    self._small_bytes -= small[1]
+                    break
+            stream._small_pending = False
+        kept: deque[bytes | tuple[bytes, int, TunnelStream]] = deque()
+        for item in self._fifo:
+            if type(item) is tuple and item[2] is stream:
+                self._fifo_data_bytes -= item[1]
+                self._fifo_out += 1  # as if the writer took it: later holds stay valid
+                continue
+            kept.append(item)
+        self._fifo = kept
+        stream._queued = 0
+        self._space_lot.unpark_all()
 
     async def _run_handler(
         self, handler: ConnectHandler, stream: TunnelStream, event: ConnectRequested

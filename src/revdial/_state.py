@@ -50,6 +50,12 @@ sides half-closed is retired without an Error frame, and Data arriving after
 the peer's HALF_CLOSE resets that stream (:class:`Reset`). Without the
 extension those frame types are unknown and ignored, exactly as Go does.
 
+A Connect for an id still in use (a broken or hostile peer: openers never
+reuse ids) replaces the old connection, as Go does (PROTOCOL.md 3.1): the
+old one is removed without an Error frame -- the id now names the new one --
+and :class:`ConnectRequested` says ``replaced`` so that the driver fails the
+old stream locally. One bad frame costs that stream, never the session.
+
 Deviations from Go, all permitted by PROTOCOL.md section 7 (MAY):
 no Error echo, no duplicate ``EOF`` (MAY 3); a refused Connect is answered
 with an Error for that id only, never a session teardown (MAY 8); fresh ids
@@ -142,6 +148,9 @@ class ConnectRequested:
     conn_id: int
     proto: str
     address: str
+    #: The id was still in use: its stream must be failed locally (no Error
+    #: frame: the id now belongs to the new connection).
+    replaced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,8 +448,9 @@ class SessionState:
     def _on_connect(self, frame: Frame, now: float) -> Event | None:
         proto, address = parse_connect(frame.payload)
         conn_id = frame.conn_id
-        if conn_id in self.conns:
-            raise ProtocolError(f"Connect for connection id {conn_id}, which is already in use")
+        # A Connect for an id in use replaces it, as remotedialer does: one bad
+        # frame costs that stream, never the session.
+        replaced = self._remove(conn_id) is not None
         if len(self.conns) >= self.limits.max_streams:
             self._queue(
                 conn_id,
@@ -449,7 +459,7 @@ class SessionState:
             )
             return None
         self.conns[conn_id] = Conn(conn_id, False, f"{proto}/{address}", now, ConnPhase.DIALING)
-        return ConnectRequested(conn_id, proto, address)
+        return ConnectRequested(conn_id, proto, address, replaced)
 
     def _on_sync(self, listed: list[int], now: float) -> Event | None:
         keep = set(listed)

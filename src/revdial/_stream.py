@@ -75,6 +75,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_buffer",
         "_closed",
         "_confirmed",
+        "_detached",
         "_eof_sent",
         "_error",
         "_fifo_hold",
@@ -117,6 +118,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         #: A small Data frame of ours waits in the session's small-frame lane.
         self._small_pending = False
         self._closed = False  # by us
+        #: The peer reused our id for a new connection: never touch the session again.
+        self._detached = False
         self._peer_paused = False
         self._received = False
         # One lot for readers and writers (each loop re-checks its condition
@@ -211,6 +214,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if drop_buffer:
             self._buffer.clear()
         self._wake()
+
+    def _detach(self) -> None:
+        """The session gave our id to a new connection; keep off its tables."""
+        self._detached = True
 
     def _wake(self) -> None:
         self._lot.unpark_all()
@@ -318,7 +325,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             client_key=self._session.client_key,
             target=self.target,
         )
-        self._session._close_stream(self.conn_id, "revdial: dial timed out")
+        if not self._detached:
+            self._session._close_stream(self.conn_id, "revdial: dial timed out")
 
     async def wait_dialed(self) -> None:
         """Extension v1: wait until the peer confirms the dial.
@@ -404,5 +412,6 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             return
         self._closed = True
         self._buffer.clear()
-        self._session._close_stream(self.conn_id, error)
+        if not self._detached:
+            self._session._close_stream(self.conn_id, error)
         self._wake()
