@@ -27,6 +27,7 @@ from ._errors import (
     exception_leaves,
 )
 from ._limits import DEFAULT_LIMITS, Limits
+from ._redact import loggable_url
 from ._session import (
     EXTENSION_HEADER,
     EXTENSION_VERSION,
@@ -285,6 +286,8 @@ class Agent:
         if not parts.hostname:
             raise ValueError(f"server URL {url!r} has no host")
         self.url = url
+        #: ``url`` as logs show it (no query string, no user-info: they may hold secrets).
+        self._log_url = loggable_url(url)
         self._secure = parts.scheme == "wss"
         self._host = parts.hostname
         self._port = parts.port or (443 if self._secure else 80)
@@ -335,9 +338,9 @@ class Agent:
 
             try:
                 await self._run_session(on_up)
-                log.info("session to %s ended", self.url)
+                log.info("session to %s ended", self._log_url)
             except (RevdialError, OSError, trio.BrokenResourceError) as exc:
-                log.warning("tunnel to %s: %s", self.url, exc)
+                log.warning("tunnel to %s: %s", self._log_url, exc)
             lasted = None if up_since is None else trio.current_time() - up_since
             wait = backoff.session_ended(lasted)
             log.info("reconnecting in %.2f s", wait)
@@ -401,7 +404,7 @@ class Agent:
                     log.info(
                         "session %s: connected to %s (%s)",
                         session.id,
-                        self.url,
+                        self._log_url,
                         f"revdial extension v{session.extensions}"
                         if session.extensions
                         else "plain remotedialer",

@@ -104,6 +104,7 @@ import h11
 import trio
 
 from ._errors import TunnelError
+from ._redact import loggable_target
 from ._splice import abort
 from ._stream import TunnelStream
 
@@ -1112,15 +1113,15 @@ class HTTPForwarder:
     def _abort(self, route: Route, why: str) -> _Aborted:
         """Count and log (once) a response cut off mid-way; the caller raises it."""
         self._aborted += 1
-        log.warning("%s %s: response aborted: %s", route.key,
-                    route.target[:200].decode("latin-1"), why)
+        log.warning("%s %s: response aborted: %s", route.key, loggable_target(route.target),
+                    why)
         return _Aborted(why)
 
     @staticmethod
     def _log_response(route: Route, event: h11.Event) -> None:
         if log.isEnabledFor(logging.DEBUG):
             status = getattr(event, "status_code", "?")
-            log.debug("%s %s -> %s", route.key, route.target[:200].decode("latin-1"), status)
+            log.debug("%s %s -> %s", route.key, loggable_target(route.target), status)
 
     async def _switch(
         self, x: _Exchange, route: Route, event: h11.InformationalResponse
