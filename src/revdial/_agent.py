@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import random
 import socket
 import ssl
@@ -39,7 +40,7 @@ from ._session import (
 )
 from ._splice import splice
 from ._state import Role
-from ._stream import POLICY_REFUSAL_PREFIX, TunnelStream
+from ._stream import POLICY_REFUSAL_PREFIX, TOO_MANY_DIALS_PREFIX, TunnelStream
 
 __all__ = [
     "Agent",
@@ -451,8 +452,11 @@ def make_connect_handler(
     """
     policy = _as_policy(allow)
     virtual = dict(services or {})
+    pending = 0  # dials in progress (bounded by limits.max_pending_dials)
+    refusals = _LogThrottle()
 
     async def handle(stream: TunnelStream, proto: str, address: str) -> None:
+        nonlocal pending
         target = f"{proto}/{address}"
         service = virtual.get(target)
         if service is not None:
@@ -460,9 +464,15 @@ def make_connect_handler(
             await service(stream)
             return
         if not policy(proto, address):
-            log.warning("refused dial to %s: not allowed by the agent's policy", target)
+            refusals.warning("refused dial to %s: not allowed by the agent's policy", target)
             stream.close_nowait(f"{POLICY_REFUSAL_PREFIX}: {target}")
             return
+        if pending >= limits.max_pending_dials:
+            refusals.warning("refused dial to %s: %d dials already in progress", target, pending)
+            stream.close_nowait(f"{TOO_MANY_DIALS_PREFIX} ({limits.max_pending_dials})")
+            return
+        pending += 1
+        reason: str | None
         try:
             with trio.fail_after(limits.dial_timeout):
                 local = await dialer(proto, address)
@@ -471,23 +481,53 @@ def make_connect_handler(
         except (OSError, ValueError) as exc:
             reason = f"dial {proto} {address}: {_describe_oserror(exc)}"
         else:
-            stream.session.dial_succeeded(stream)
-            failure: TunnelError | None = None
-            try:
-                await splice(stream, local, read_size=limits.read_size)
-            except TunnelError as exc:
-                failure = exc
-            finally:
-                # Once per stream, whether the splice raised or was cancelled
-                # by the session's end; the target's connection was reset.
-                failure = failure or stream.error
-                if failure is not None:
-                    log.warning("connection to %s reset: %s", target, failure)
+            reason = None
+        finally:
+            pending -= 1  # established streams do not count
+        if reason is not None:
+            log.warning("dial to %s failed: %s", target, reason)
+            stream.close_nowait(reason)
             return
-        log.warning("dial to %s failed: %s", target, reason)
-        stream.close_nowait(reason)
+        stream.session.dial_succeeded(stream)
+        failure: TunnelError | None = None
+        try:
+            await splice(stream, local, read_size=limits.read_size)
+        except TunnelError as exc:
+            failure = exc
+        finally:
+            # Once per stream, whether the splice raised or was cancelled
+            # by the session's end; the target's connection was reset.
+            failure = failure or stream.error
+            if failure is not None:
+                log.warning("connection to %s reset: %s", target, failure)
 
     return handle
+
+
+class _LogThrottle:
+    """At most one warning per ``interval`` seconds; the rest are counted.
+
+    A server may send thousands of Connects the agent refuses: each is still
+    refused, but the log gets a line a second saying how many were.
+    """
+
+    __slots__ = ("_interval", "_next", "_suppressed")
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self._interval = interval
+        self._next = -math.inf
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            message += f" (and {self._suppressed} more refused in the last {self._interval:g} s)"
+            self._suppressed = 0
+        self._next = now + self._interval
+        log.warning(message, *args)
 
 
 async def connect(

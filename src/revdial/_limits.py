@@ -85,6 +85,14 @@ class Limits:
     sync_grace: float = 10.0
     #: Agent-side dial timeout (Go: 60 s).
     dial_timeout: float = 30.0
+    #: Agent side: dials in progress at once. Each holds a socket and a task
+    #: for up to ``dial_timeout``; a server that sends Connects for a target
+    #: that never answers (a blackhole) would otherwise pile up thousands of
+    #: them and exhaust the agent's file descriptors (often 1,024). Beyond
+    #: this, a Connect is refused at once with ``revdial: too many dials in
+    #: progress`` (the server raises ``DialRefusedError``); established
+    #: streams are not counted.
+    max_pending_dials: int = 256
     #: Server side: how long ``dial()`` waits for the agent's answer. With the
     #: revdial extension that is the confirmation; with a Go agent it bounds
     #: the wait for the first byte or error of the stream. A little above

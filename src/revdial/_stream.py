@@ -24,10 +24,12 @@ from ._errors import (
 if TYPE_CHECKING:
     from ._session import Session
 
-__all__ = ["TunnelStream", "classify_dial_error", "POLICY_REFUSAL_PREFIX"]
+__all__ = ["POLICY_REFUSAL_PREFIX", "TOO_MANY_DIALS_PREFIX", "TunnelStream", "classify_dial_error"]
 
 #: Prefix of the Error text our agent sends when its allow policy refuses a dial.
 POLICY_REFUSAL_PREFIX = "revdial: dial not allowed"
+#: Prefix of the Error text our agent sends when ``max_pending_dials`` are in progress.
+TOO_MANY_DIALS_PREFIX = "revdial: too many dials in progress"
 _TIMEOUT_MARKERS = ("i/o timeout", "timed out", "timeout")
 #: A peer's reply to Data for an id it no longer knows: the stream was closed
 #: on that side, not refused.
@@ -38,7 +40,9 @@ def classify_dial_error(reason: str, client_key: str, target: str) -> DialError:
     """Turn an agent's Error text for a failed dial into a typed DialError."""
     msg = f"dial {target} via client {client_key!r} failed: {reason}"
     kw = {"reason": reason, "client_key": client_key, "target": target}
-    if reason.startswith(POLICY_REFUSAL_PREFIX) or reason == "connect not allowed":
+    if reason.startswith((POLICY_REFUSAL_PREFIX, TOO_MANY_DIALS_PREFIX)) or (
+        reason == "connect not allowed"
+    ):
         return DialRefusedError(msg, **kw)
     lowered = reason.lower()
     if any(m in lowered for m in _TIMEOUT_MARKERS):
