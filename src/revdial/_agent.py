@@ -288,6 +288,8 @@ class Agent:
         self._host_header = (
             host_for_header if self._port == default_port else f"{host_for_header}:{self._port}"
         )
+        #: The URL as logged: no user info, no query string (either may hold a secret).
+        self._log_url = f"{parts.scheme}://{self._host_header}{parts.path}"
         self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         self._headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         self._extension_version = EXTENSION_VERSION if extensions else 0
@@ -330,9 +332,9 @@ class Agent:
 
             try:
                 await self._run_session(on_up)
-                log.info("session to %s ended", self.url)
+                log.info("session to %s ended", self._log_url)
             except (RevdialError, OSError, trio.BrokenResourceError) as exc:
-                log.warning("tunnel to %s: %s", self.url, exc)
+                log.warning("tunnel to %s: %s", self._log_url, exc)
             lasted = None if up_since is None else trio.current_time() - up_since
             wait = backoff.session_ended(lasted)
             log.info("reconnecting in %.2f s", wait)
@@ -396,7 +398,7 @@ class Agent:
                     log.info(
                         "session %s: connected to %s (%s)",
                         session.id,
-                        self.url,
+                        self._log_url,
                         f"revdial extension v{session.extensions}"
                         if session.extensions
                         else "plain remotedialer",

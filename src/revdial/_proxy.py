@@ -1093,14 +1093,15 @@ class HTTPForwarder:
         """Count and log (once) a response cut off mid-way; the caller raises it."""
         self._aborted += 1
         log.warning("%s %s: response aborted: %s", route.key,
-                    route.target[:200].decode("latin-1"), why)
+                    route.target.partition(b"?")[0][:200].decode("latin-1"), why)
         return _Aborted(why)
 
     @staticmethod
     def _log_response(route: Route, event: h11.Event) -> None:
         if log.isEnabledFor(logging.DEBUG):
             status = getattr(event, "status_code", "?")
-            log.debug("%s %s -> %s", route.key, route.target[:200].decode("latin-1"), status)
+            path = route.target.partition(b"?")[0]  # a query string may hold secrets
+            log.debug("%s %s -> %s", route.key, path[:200].decode("latin-1"), status)
 
     async def _switch(
         self, x: _Exchange, route: Route, event: h11.InformationalResponse

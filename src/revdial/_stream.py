@@ -20,6 +20,7 @@ from ._errors import (
     StreamResetError,
     TunnelError,
 )
+from ._stats import dial_result
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -75,6 +76,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_buffer",
         "_closed",
         "_confirmed",
+        "_dial_started",
         "_eof_sent",
         "_error",
         "_fifo_hold",
@@ -107,6 +109,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._peer_write_closed = False  # the peer half-closed (extension v1)
         self._eof_sent = False  # we half-closed
         self._confirmed = False  # extension v1: the peer's dial succeeded
+        #: When we sent the Connect (trio clock) while the dial's outcome is
+        #: unknown; -1 otherwise (streams the peer opened, outcome counted).
+        self._dial_started = -1.0
         #: base protocol: fail the first receive if nothing arrived by then
         self._first_byte_deadline = math.inf
         self._error: BaseException | None = None  # raised once the buffer is drained
@@ -158,12 +163,22 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     # --- called by the session driver (synchronously) ---------------------
 
+    def _dial_done(self, result: str) -> None:
+        """Count the dial's outcome once (if this stream is a dial of ours)."""
+        started = self._dial_started
+        if started >= 0:
+            self._dial_started = -1.0
+            self._session.dial_stats.record(result, trio.current_time() - started)
+
     def _feed(self, data: bytes) -> None:
         self._buffer.append(data)
         self._received = True
+        if self._dial_started >= 0:  # plain remotedialer: the first byte means connected
+            self._dial_done("ok")
         self._lot.unpark_all()
 
     def _dial_confirmed(self) -> None:
+        self._dial_done("ok")
         self._confirmed = True
         self._first_byte_deadline = math.inf  # a connected target may stay silent
         self._lot.unpark_all()
@@ -186,6 +201,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _peer_closed(self, error: str | None, received_data: bool) -> None:
         """The peer sent Error for this stream (``None`` = orderly EOF)."""
         if error is None:
+            self._dial_done("ok")
             self._peer_eof = True
             self._confirmed = True
         elif (
@@ -198,6 +214,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._error = StreamResetError(
                 f"stream {self.target} reset by peer: {error}", reason=error
             )
+        if self._dial_started >= 0 and self._error is not None:
+            self._dial_done(dial_result(self._error))
         self._wake()
 
     def _fail(self, exc: TunnelError, *, drop_buffer: bool) -> None:
@@ -208,6 +226,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     str(exc), client_key=self._session.client_key, target=self.target
                 )
             self._error = exc
+        if self._dial_started >= 0:
+            self._dial_done(dial_result(exc))
         if drop_buffer:
             self._buffer.clear()
         self._wake()
@@ -311,6 +331,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def _time_out_dial(self) -> None:
         """No answer from a peer that does not confirm dials: give up."""
+        self._dial_done("timeout")
         self._error = DialTimeoutError(
             f"dial {self.target} via client {self._session.client_key!r}: no answer within "
             f"{self._session.limits.connect_timeout:.0f} s",
@@ -403,6 +424,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
+        if self._dial_started >= 0:
+            self._dial_done("cancelled")
         self._buffer.clear()
         self._session._close_stream(self.conn_id, error)
         self._wake()
