@@ -650,6 +650,14 @@ async def http_get(port: int, path: str) -> str:
     return await trio.to_thread.run_sync(get)
 
 
+async def test_metrics_clients_must_be_a_count() -> None:
+    (port,) = free_ports(1)
+    result = await run_revdial("server", "--listen", f"127.0.0.1:{port}", "--token", TOKEN,
+                               "--metrics-listen", "127.0.0.1:0", "--metrics-clients", "-1")
+    assert result.returncode == 2
+    assert b"--metrics-clients: must be >= 0" in result.stderr
+
+
 async def test_status_unreachable_is_one_line_and_non_zero() -> None:
     (port,) = free_ports(1)
     result = await run_revdial("status", "--server", f"http://127.0.0.1:{port}")

@@ -389,6 +389,11 @@ async def _dial_and_receive(session: revdial.Session, stream: revdial.TunnelStre
     return await stream.receive_some()
 
 
+async def test_collector_bound_is_validated(server: revdial.Server) -> None:
+    with pytest.raises(ValueError, match="max_client_series"):
+        revdial.Monitor(server, max_client_series=-1)
+
+
 def test_dial_result_mapping() -> None:
     kw = {"reason": "x", "client_key": "c", "target": "tcp/a:1"}
     assert dial_result(revdial.DialRefusedError("m", **kw)) == "refused"

@@ -110,8 +110,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False  # we half-closed
         self._confirmed = False  # extension v1: the peer's dial succeeded
         #: When we sent the Connect (trio clock) while the dial's outcome is
-        #: unknown; -1 otherwise (streams the peer opened, outcome counted).
-        self._dial_started = -1.0
+        #: unknown; None otherwise (streams the peer opened, outcome counted).
+        self._dial_started: float | None = None
         #: base protocol: fail the first receive if nothing arrived by then
         self._first_byte_deadline = math.inf
         self._error: BaseException | None = None  # raised once the buffer is drained
@@ -166,14 +166,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _dial_done(self, result: str) -> None:
         """Count the dial's outcome once (if this stream is a dial of ours)."""
         started = self._dial_started
-        if started >= 0:
-            self._dial_started = -1.0
+        if started is not None:
+            self._dial_started = None
             self._session.dial_stats.record(result, trio.current_time() - started)
 
     def _feed(self, data: bytes) -> None:
         self._buffer.append(data)
         self._received = True
-        if self._dial_started >= 0:  # plain remotedialer: the first byte means connected
+        if self._dial_started is not None:  # plain remotedialer: the first byte means connected
             self._dial_done("ok")
         self._lot.unpark_all()
 
@@ -214,7 +214,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._error = StreamResetError(
                 f"stream {self.target} reset by peer: {error}", reason=error
             )
-        if self._dial_started >= 0 and self._error is not None:
+        if self._dial_started is not None and self._error is not None:
             self._dial_done(dial_result(self._error))
         self._wake()
 
@@ -226,7 +226,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     str(exc), client_key=self._session.client_key, target=self.target
                 )
             self._error = exc
-        if self._dial_started >= 0:
+        if self._dial_started is not None:
             self._dial_done(dial_result(exc))
         if drop_buffer:
             self._buffer.clear()
@@ -424,7 +424,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
-        if self._dial_started >= 0:
+        if self._dial_started is not None:
             self._dial_done("cancelled")
         self._buffer.clear()
         self._session._close_stream(self.conn_id, error)
