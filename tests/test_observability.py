@@ -368,6 +368,33 @@ async def test_dial_outcomes_timeout_and_cancelled(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("extensions", [1, 0], ids=["v1", "plain"])
+async def test_dial_outcomes_ok_and_refused(
+    autojump_clock: trio.testing.MockClock, extensions: int
+) -> None:
+    net = FakeNetwork()
+    net.listen("echo:1", echo_handler)
+    net.listen("secret:1", echo_handler)
+    policy = revdial.AllowPolicy(["echo:1"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(net.run)
+        async with open_session_pair(allow=policy, dialer=net.dial, extensions=extensions) as (
+            server, _
+        ):
+            stream = await server.dial(server.open_stream("tcp", "echo:1"), 35.0)
+            # plain remotedialer: the dial counts as ok once the first byte is back
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            assert server.dial_stats.results["ok"] == 1
+            await stream.aclose()
+            with pytest.raises(revdial.DialRefusedError):
+                await _dial_and_receive(server, server.open_stream("tcp", "secret:1"), 35.0)
+            assert server.dial_stats.results["refused"] == 1
+            assert server.dial_stats.count == 2
+            assert sum(server.dial_stats.results.values()) == 2
+        nursery.cancel_scope.cancel()
+
+
 async def test_dial_outcome_session_lost(autojump_clock: trio.testing.MockClock) -> None:
     net = FakeNetwork()
     net.blackhole("hole:1")
