@@ -194,9 +194,9 @@ async def run_pair(
 # --- help and argument errors ----------------------------------------------------
 
 HELP_MENTIONS = {
-    (): ["server", "agent", "demo", "--log-level"],
+    (): ["server", "agent", "status", "demo", "--log-level", "--log-format"],
     ("server",): ["--listen", "--token", "--tokens", "--insecure-no-auth", "--forward",
-                  "--tls-cert", "--tls-key", "--path"],
+                  "--tls-cert", "--tls-key", "--path", "--metrics-listen", "--metrics-clients"],
     ("agent",): ["--server", "--id", "--token", "--allow", "--allow-all", "--ca-file",
                  "--ca-checksum"],
 }
@@ -563,3 +563,121 @@ async def test_orderly_ends_close_cleanly_through_processes(
                 assert await client.receive_some() == b""
         assert "connection reset:" not in pair.server.output()
         assert " reset: " not in pair.agent.output()
+
+
+# --- observability: --metrics-listen, revdial status, --log-format json ----------------
+
+
+async def poll_status(port: int, want: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``revdial status`` until its output contains ``want`` (bounded)."""
+    with trio.fail_after(20):
+        while True:
+            result = await run_revdial("status", "--server", f"http://127.0.0.1:{port}")
+            if result.returncode == 0 and want in result.stdout.decode():
+                return result
+            await trio.sleep(0.1)  # polling another process's state
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    records = []
+    for line in text.splitlines():
+        obj = json.loads(line)  # every line is one JSON object
+        assert isinstance(obj, dict)
+        assert {"time", "level", "logger", "message"} <= obj.keys()
+        records.append(obj)
+    return records
+
+
+async def test_status_metrics_and_json_logs(tmp_path: Path) -> None:
+    listen, metrics = free_ports(2)
+    server_args = ["--log-level", "debug", "--log-format", "json", "server",
+                   "--listen", f"127.0.0.1:{listen}", "--token", TOKEN,
+                   "--metrics-listen", f"127.0.0.1:{metrics}"]
+    agent_args = ["--log-level", "debug", "--log-format", "json", "agent",
+                  "--server", f"ws://127.0.0.1:{listen}/connect?token={TOKEN}",
+                  "--id", CLIENT, "--token", TOKEN]
+    async with revdial_process(server_args, tmp_path / "server.log") as server:
+        empty = await poll_status(metrics, "no clients connected")
+        assert empty.stdout == b"no clients connected\n"
+        async with revdial_process(agent_args, tmp_path / "agent.log") as agent:
+            table = await poll_status(metrics, CLIENT)
+            lines = table.stdout.decode().splitlines()
+            assert lines[0].split()[:3] == ["CLIENT", "SESSION", "REMOTE"]
+            row = lines[1].split()
+            assert row[0] == CLIENT
+            assert row[2].startswith("127.0.0.1:")
+            assert row[-1] == "v1"
+
+            as_json = await run_revdial("status", "--server", f"http://127.0.0.1:{metrics}/",
+                                        "--json")
+            assert as_json.returncode == 0, as_json.stderr
+            (entry,) = json.loads(as_json.stdout)["clients"]
+            assert entry["client_key"] == CLIENT
+            assert entry["extension"] == 1
+
+            body = await http_get(metrics, "/metrics")
+            assert 'revdial_client_sessions{client="c1"} 1.0' in body
+            assert await http_get(metrics, "/readyz") == "ready\n"
+            assert await agent.terminate() == 0
+        await poll_status(metrics, "no clients connected")
+        assert await server.terminate() == 0
+        server_out, agent_out = server.output(), agent.output()
+    for out in (server_out, agent_out):
+        assert TOKEN not in out
+        assert "?token" not in out
+    records = _json_lines(server_out)
+    _json_lines(agent_out)
+    start = next(r for r in records if r.get("event") == "session_start")
+    end = next(r for r in records if r.get("event") == "session_end")
+    assert start["client_key"] == end["client_key"] == CLIENT
+    assert str(start["remote"]).startswith("127.0.0.1:")
+    assert end["remote"] == start["remote"]
+    assert isinstance(end["duration_s"], float)
+    assert isinstance(end["bytes_in"], int)
+    assert isinstance(end["bytes_out"], int)
+    assert any("metrics and health on http://127.0.0.1:" in str(r["message"]) for r in records)
+
+
+async def http_get(port: int, path: str) -> str:
+    """GET with the standard library, in a thread (as ``revdial status`` does)."""
+    import urllib.request
+
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            body: bytes = r.read()
+            return body.decode()
+
+    return await trio.to_thread.run_sync(get)
+
+
+async def test_metrics_clients_must_be_a_count() -> None:
+    (port,) = free_ports(1)
+    result = await run_revdial("server", "--listen", f"127.0.0.1:{port}", "--token", TOKEN,
+                               "--metrics-listen", "127.0.0.1:0", "--metrics-clients", "-1")
+    assert result.returncode == 2
+    assert b"--metrics-clients: must be >= 0" in result.stderr
+
+
+async def test_status_unreachable_is_one_line_and_non_zero() -> None:
+    (port,) = free_ports(1)
+    result = await run_revdial("status", "--server", f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert result.stdout == b""
+    err = result.stderr.decode()
+    assert err.startswith(f"revdial status: cannot reach http://127.0.0.1:{port}/clients: ")
+    assert err.count("\n") == 1
+    bad = await run_revdial("status", "--server", f"127.0.0.1:{port}")
+    assert bad.returncode == 1
+    assert b"--server must be http://" in bad.stderr
+
+
+async def test_status_against_a_non_revdial_answer(tmp_path: Path) -> None:
+    async def not_found(stream: trio.SocketStream) -> None:
+        await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n"
+                              b"Connection: close\r\n\r\n")
+
+    async with serve_target(not_found) as port:
+        result = await run_revdial("status", "--server", f"http://127.0.0.1:{port}")
+    assert result.returncode == 1
+    assert b"answered 404" in result.stderr

@@ -34,6 +34,7 @@ from ._errors import (
 )
 from ._frontdoor import FrontDoor, UserTokens, make_kubeconfig, read_user_tokens
 from ._limits import DEFAULT_LIMITS, Limits
+from ._monitor import Monitor
 from ._proxy import (
     DEFAULT_PROXY_LIMITS,
     PROXY_ADDRESS,
@@ -47,12 +48,14 @@ from ._server import (
     Authorizer,
     HandshakeRequest,
     Server,
+    ServerCounters,
     ServerStatistics,
     open_server,
     token_authorizer,
 )
 from ._session import Session, SessionStatistics
 from ._splice import ABORT_REASON, abort, splice
+from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
 
 __version__ = "0.1.0.dev0"
@@ -73,6 +76,7 @@ __all__ = [
     "DialSessionLostError",
     "DialTimeoutError",
     "DialUnreachableError",
+    "DialStats",
     "Dialer",
     "FrameError",
     "FrontDoor",
@@ -80,6 +84,7 @@ __all__ = [
     "HandshakeError",
     "HandshakeRequest",
     "Limits",
+    "Monitor",
     "NoSuchClientError",
     "ProtocolError",
     "ProxyLimits",
@@ -87,8 +92,10 @@ __all__ = [
     "ReverseProxy",
     "RevdialError",
     "Server",
+    "ServerCounters",
     "ServerStatistics",
     "Session",
+    "SessionCounters",
     "SessionLostError",
     "SessionStatistics",
     "StreamHandler",

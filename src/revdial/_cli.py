@@ -1,8 +1,9 @@
-"""The ``revdial`` command: ``server``, ``agent``, ``kubeconfig`` and ``demo``."""
+"""The ``revdial`` command: ``server``, ``agent``, ``status``, ``kubeconfig`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -16,6 +17,9 @@ import trio
 from ._agent import Agent, AllowPolicy, make_ssl_context, split_host_port
 from ._errors import DialError, RevdialError, TunnelError, exception_leaves
 from ._frontdoor import FrontDoor, make_kubeconfig, read_user_tokens
+from ._logs import configure_logging
+from ._metrics import DEFAULT_CLIENT_SERIES
+from ._monitor import Monitor
 from ._proxy import PROXY_TARGET, ReverseProxy, make_upstream_ssl_context
 from ._server import Authorizer, HandshakeRequest, Server, token_authorizer
 from ._splice import abort, splice
@@ -64,6 +68,16 @@ def _listen_address(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
 def read_tokens_file(path: str) -> dict[str, str]:
     """``KEY TOKEN`` per line; blank lines and ``#`` comments ignored."""
     tokens: dict[str, str] = {}
@@ -89,6 +103,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"],
         help="logging level (default: info)",
+    )
+    parser.add_argument(
+        "--log-format", default="text", choices=["text", "json"],
+        help="text lines for people, or one JSON object per line (default: text)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -119,6 +137,26 @@ def _build_parser() -> argparse.ArgumentParser:
                      "/client/KEY/http/HOST[:PORT]/... (HTTPS with --tls-cert/--tls-key)")
     srv.add_argument("--user-tokens", metavar="FILE",
                      help="front-door users: lines of 'TOKEN CLIENT_KEY[,KEY...]' or 'TOKEN *'")
+    srv.add_argument("--metrics-listen", type=_listen_address, metavar="HOST:PORT",
+                     help="serve /metrics (Prometheus), /healthz, /readyz and /clients over "
+                     "plain HTTP here (off by default; it lists connected clients, so keep "
+                     "it on loopback or a private network)")
+    srv.add_argument("--metrics-clients", type=_non_negative_int, default=DEFAULT_CLIENT_SERIES,
+                     metavar="N",
+                     help="per-client-key metric series for at most the first N keys "
+                     f"connected (default: {DEFAULT_CLIENT_SERIES}; 0: none)")
+
+    sts = sub.add_parser(
+        "status",
+        help="show the clients connected to a server (from its --metrics-listen)",
+        description="Print the sessions connected to a revdial server, read from its "
+        "metrics listener's /clients.",
+    )
+    sts.add_argument("--server", required=True, metavar="URL",
+                     help="the server's --metrics-listen address, e.g. http://127.0.0.1:9090")
+    sts.add_argument("--json", action="store_true", help="print the JSON as received")
+    sts.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                     help="give up after this long (default: 5)")
 
     agt = sub.add_parser(
         "agent",
@@ -266,12 +304,19 @@ async def _cmd_server(args: argparse.Namespace) -> None:
     server = Server(authorize, path=args.path, ssl_context=ssl_context)
     front_door = _front_door(args, server, ssl_context)
     host, port = args.listen
+    started = False
     async with trio.open_nursery() as nursery:
+        if args.metrics_listen is not None:
+            # First, so /readyz answers 503 until every listener below is up.
+            monitor = Monitor(server, ready=lambda: started,
+                              max_client_series=args.metrics_clients)
+            await nursery.start(monitor.serve, *args.metrics_listen)
         await nursery.start(server.serve, host, port)
         for fwd in args.forward:
             await nursery.start(_serve_forward, server, fwd, server.limits.read_size)
         if front_door is not None:
             await nursery.start(front_door.serve, *args.http_listen)
+        started = True
 
 
 def _front_door(
@@ -367,20 +412,93 @@ def _cmd_kubeconfig(args: argparse.Namespace) -> int:
     return 0
 
 
+STATUS_COLUMNS = (
+    ("CLIENT", "client_key"),
+    ("SESSION", "session_id"),
+    ("REMOTE", "remote"),
+    ("CONNECTED SINCE", "connected_since"),
+    ("AGE", "age_seconds"),
+    ("STREAMS", "streams"),
+    ("BYTES IN", "bytes_in"),
+    ("BYTES OUT", "bytes_out"),
+    ("EXT", "extension"),
+)
+
+
+def _fetch_clients(url: str, timeout: float) -> bytes:
+    """GET ``URL/clients``; SystemExit with a one-line reason on any failure."""
+    import urllib.error
+    import urllib.request
+
+    if not url.startswith(("http://", "https://")):
+        raise SystemExit("revdial status: --server must be http://HOST:PORT (the server's "
+                         "--metrics-listen address)")
+    target = url.split("?", 1)[0].rstrip("/") + "/clients"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as response:
+            body: bytes = response.read(16 * 1024 * 1024)
+            return body
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"revdial status: {target} answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(f"revdial status: cannot reach {target}: {reason}") from None
+
+
+def _format_age(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s // 60 % 60:02d}m"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    body = _fetch_clients(args.server, args.timeout)
+    try:
+        report = json.loads(body)
+        sessions = report["clients"]
+        if not isinstance(sessions, list):
+            raise TypeError("clients is not a list")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"revdial status: unexpected answer from {args.server}: {exc}") from None
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=1) + "\n")
+        return 0
+    if not sessions:
+        sys.stdout.write("no clients connected\n")
+        return 0
+    rows = [[title for title, _ in STATUS_COLUMNS]]
+    for entry in sessions:
+        row = [str(entry.get(key, "")) for _, key in STATUS_COLUMNS]
+        row[4] = _format_age(entry.get("age_seconds"))
+        row[8] = f"v{entry['extension']}" if entry.get("extension") else "-"
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(STATUS_COLUMNS))]
+    numeric = {1, 5, 6, 7}
+    for r in rows:
+        cells = [c.rjust(w) if i in numeric else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(r, widths, strict=True))]
+        sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    if args.command == "kubeconfig":  # no event loop, no logging setup needed
+    # Commands without an event loop (no logging setup needed).
+    simple = {"kubeconfig": _cmd_kubeconfig, "status": _cmd_status}
+    if args.command in simple:
         try:
-            return _cmd_kubeconfig(args)
+            return simple[args.command](args)
         except SystemExit as exc:
             if isinstance(exc.code, str):
                 print(exc.code, file=sys.stderr)
                 return 1
             raise
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)
     commands: dict[str, Callable[[argparse.Namespace], Awaitable[None]]] = {
         "server": _cmd_server,
         "agent": _cmd_agent,

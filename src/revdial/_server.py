@@ -26,12 +26,14 @@ from ._session import (
     tune_transport,
 )
 from ._state import Role
+from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
 
 __all__ = [
     "Authorizer",
     "HandshakeRequest",
     "Server",
+    "ServerCounters",
     "ServerStatistics",
     "open_server",
     "token_authorizer",
@@ -96,6 +98,18 @@ class ServerStatistics:
     buffered_bytes: int
 
 
+@dataclass(frozen=True, slots=True)
+class ServerCounters:
+    """Cumulative figures of a server since it was created (never go down)."""
+
+    #: Agent sessions accepted (handshake completed).
+    sessions_accepted: int
+    #: WebSocket upgrades answered with an error, by HTTP status (400, 401, 404, 503).
+    handshakes_rejected: Mapping[int, int]
+    #: Bytes, pauses and resets of every session, ended ones included.
+    sessions: SessionCounters
+
+
 class Server:
     """Accepts agent sessions at ``path`` and dials connections through them.
 
@@ -118,6 +132,12 @@ class Server:
         self._ssl_context = ssl_context
         self._sessions: dict[str, list[Session]] = {}
         self._changed = trio.Event()
+        self._listening = False
+        #: Outcomes and latency of every dial through this server's sessions.
+        self.dial_stats = DialStats()
+        self._sessions_accepted = 0
+        self._rejected: dict[int, int] = {}
+        self._ended_counters = SessionCounters()
         #: Bound ``(host, port)`` pairs once :meth:`serve` has started.
         self.addresses: list[tuple[str, int]] = []
 
@@ -129,6 +149,11 @@ class Server:
         if not self.addresses:
             raise RuntimeError("server is not listening yet")
         return self.addresses[0][1]
+
+    @property
+    def listening(self) -> bool:
+        """True while :meth:`serve` is accepting agents (``/readyz`` is 200)."""
+        return self._listening
 
     def clients(self) -> list[str]:
         """Client keys that have at least one session, in connection order."""
@@ -145,6 +170,18 @@ class Server:
             clients=len(self._sessions),
             streams=sum(s.streams for s in stats),
             buffered_bytes=sum(s.buffered_bytes for s in stats),
+        )
+
+    def counters(self) -> ServerCounters:
+        """Cumulative figures: ended sessions' counters plus the live ones'."""
+        total = self._ended_counters
+        for group in self._sessions.values():
+            for session in group:
+                total = total + session.counters()
+        return ServerCounters(
+            sessions_accepted=self._sessions_accepted,
+            handshakes_rejected=dict(self._rejected),
+            sessions=total,
         )
 
     async def wait_client(self, client_key: str) -> None:
@@ -199,6 +236,7 @@ class Server:
                 break
         else:  # no break: no live session
             await trio.lowlevel.checkpoint()
+            self.dial_stats.record("no_client", None)
             raise NoSuchClientError(
                 f"no session for client {client_key!r}",
                 reason="no such client",
@@ -214,13 +252,22 @@ class Server:
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` and serve agents until cancelled."""
+        """Listen on ``host:port`` and serve agents until cancelled.
+
+        :attr:`listening` is True from when the bound addresses are reported
+        until this returns (on cancellation it turns False first). Raises
+        ``OSError`` if it cannot listen.
+        """
         listeners = await trio.open_tcp_listeners(port, host=host)
         self.addresses = bound_addresses(listeners)
         log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.addresses))
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
-            task_status.started(self.addresses)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
+                self._listening = True
+                task_status.started(self.addresses)
+        finally:
+            self._listening = False
 
     # --- internals --------------------------------------------------------
 
@@ -283,30 +330,50 @@ class Server:
             limits=limits,
             session_key=random.getrandbits(63),
             extensions=version,
+            remote=peer,
+            dial_stats=self.dial_stats,
         )
         self._register(session)
+        fields = {"session_id": session.id, "client_key": client_key, "remote": peer}
         log.info(
             "session %s: client %r connected from %s (%s)",
             session.id,
             client_key,
             peer,
             f"revdial extension v{version}" if version else "plain remotedialer",
+            extra={**fields, "event": "session_start", "extension": version},
         )
         try:
             await session.run()
         finally:
             self._unregister(session)
+            duration = trio.current_time() - session.started_at
+            c = session.counters()
             log.info(
-                "session %s: client %r disconnected: %s",
+                "session %s: client %r from %s disconnected after %.1f s "
+                "(%d bytes in, %d bytes out): %s",
                 session.id,
                 client_key,
+                peer,
+                duration,
+                c.bytes_received,
+                c.bytes_sent,
                 session.end_reason or "closed",
+                extra={
+                    **fields,
+                    "event": "session_end",
+                    "duration_s": round(duration, 3),
+                    "bytes_in": c.bytes_received,
+                    "bytes_out": c.bytes_sent,
+                    "reason": str(session.end_reason or "closed"),
+                },
             )
 
     async def _check_request(self, request: WebSocketRequest, peer: str) -> str | None:
         path = request.path.partition("?")[0]
         if path != self.path:
             log.info("connection from %s: unknown path %s -> 404", peer, path[:100])
+            self._count_rejection(404)
             await request.reject(404, body=b"not found\n")
             return None
         headers: dict[str, str] = {}
@@ -320,19 +387,26 @@ class Server:
             key = await result if inspect.isawaitable(result) else result
         except ValueError as exc:
             log.info("connection from %s: bad handshake: %s -> 400", peer, exc)
+            self._count_rejection(400)
             await request.reject(400, body=f"{exc}\n".encode())
             return None
         if not key:
             log.info("connection from %s: authentication failed -> 401", peer)
+            self._count_rejection(401)
             await request.reject(401, body=b"failed authentication\n")
             return None
         if sum(len(g) for g in self._sessions.values()) >= self.limits.max_sessions:
             log.warning("connection from %s: session limit reached -> 503", peer)
+            self._count_rejection(503)
             await request.reject(503, body=b"too many sessions\n")
             return None
         return str(key)
 
+    def _count_rejection(self, status: int) -> None:
+        self._rejected[status] = self._rejected.get(status, 0) + 1
+
     def _register(self, session: Session) -> None:
+        self._sessions_accepted += 1
         self._sessions.setdefault(session.client_key, []).append(session)
         self._changed.set()
         self._changed = trio.Event()
@@ -341,6 +415,7 @@ class Server:
         group = self._sessions.get(session.client_key)
         if group is not None and session in group:
             group.remove(session)
+            self._ended_counters = self._ended_counters + session.counters()
             if not group:
                 del self._sessions[session.client_key]
         self._changed.set()

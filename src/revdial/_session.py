@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 import socket
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ from ._state import (
     Role,
     SessionState,
 )
+from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
 
 __all__ = [
@@ -72,6 +74,7 @@ __all__ = [
     "ActivityStream",
     "ConnectHandler",
     "Session",
+    "SessionCounters",
     "SessionStatistics",
     "negotiate_extensions",
     "tune_transport",
@@ -293,6 +296,8 @@ class Session:
         on_connect: ConnectHandler | None = None,
         session_key: int = 0,
         extensions: int = 0,
+        remote: str = "",
+        dial_stats: DialStats | None = None,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -301,6 +306,22 @@ class Session:
         #: The client key this session serves (server side) / "client" (agent).
         self.client_key = client_key
         self.id = next(_session_ids)
+        #: ``host:port`` of the peer ("" if unknown), for logs and reports.
+        self.remote = remote
+        #: When the session started: trio's clock (for its age) and the wall clock.
+        self.started_at = trio.current_time()
+        self.started_wall = time.time()
+        #: Dial outcomes of the streams this side opens (shared by a server's sessions).
+        self.dial_stats = dial_stats if dial_stats is not None else DialStats()
+        # Cumulative counters (see counters()): plain ints, one add per frame.
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._pauses_received = 0
+        self._resets_peer = 0
+        self._resets_local = 0
+        self._resets_overrun = 0
+        self._resets_protocol = 0
+        self._resets_sync = 0
         self.state = SessionState(
             role,
             limits,
@@ -351,6 +372,20 @@ class Session:
             outbox_frames=len(self._fifo) + len(self._urgent) + len(self._small),
         )
 
+    def counters(self) -> SessionCounters:
+        """Cumulative figures of this session (they never go down)."""
+        return SessionCounters(
+            bytes_received=self.bytes_received,
+            bytes_sent=self.bytes_sent,
+            pauses_sent=self.state.pauses_sent,
+            pauses_received=self._pauses_received,
+            resets_peer=self._resets_peer,
+            resets_local=self._resets_local,
+            resets_overrun=self._resets_overrun,
+            resets_protocol=self._resets_protocol,
+            resets_sync=self._resets_sync,
+        )
+
     def open_stream(self, proto: str, address: str) -> TunnelStream:
         """Open a connection to ``proto/address`` on the peer (base protocol).
 
@@ -361,8 +396,10 @@ class Session:
             raise SessionLostError(f"session {self.id} to {self.client_key!r} has ended")
         if len(self.state.conns) >= self.limits.max_streams:
             raise TunnelError(f"stream limit of the session reached ({self.limits.max_streams})")
-        conn_id = self.state.open(proto, address, trio.current_time())
+        now = trio.current_time()
+        conn_id = self.state.open(proto, address, now)
         stream = TunnelStream(self, conn_id, f"{proto}/{address}", opened_by_us=True)
+        stream._dial_started = now
         self._streams[conn_id] = stream
         self._flush_state()
         stream._fifo_hold = self._fifo_in  # our Data must follow the Connect
@@ -474,6 +511,8 @@ class Session:
         if stream is not None and stream._small_pending:
             self._demote_small(stream)
         if not self._ended and self.state.close(conn_id, error):
+            if error is not None:
+                self._resets_local += 1
             self._flush_state()
 
     def _is_small(self, stream: TunnelStream, n: int) -> bool:
@@ -571,6 +610,7 @@ class Session:
         event = state.receive(message, trio.current_time())
         if event is not None:
             if type(event) is DataReceived:
+                self.bytes_received += len(event.data)
                 stream = self._streams.get(event.conn_id)
                 if stream is not None:
                     stream._feed(event.data)
@@ -582,6 +622,7 @@ class Session:
     def _dispatch(self, event: Any) -> None:
         streams = self._streams
         if isinstance(event, FlowChanged):
+            self._pauses_received += event.paused
             stream = streams.get(event.conn_id)
             if stream is not None:
                 stream._set_peer_paused(event.paused)
@@ -589,6 +630,8 @@ class Session:
             stream = streams.pop(event.conn_id, None)
             if stream is not None:
                 stream._peer_closed(event.error, event.received_data)
+                if event.error is not None and type(stream.error) is StreamResetError:
+                    self._resets_peer += 1
         elif isinstance(event, ConnectRequested):
             self._accept_connect(event)
         elif isinstance(event, DialConfirmed):
@@ -602,6 +645,7 @@ class Session:
             if stream is not None:
                 stream._peer_half_closed()
         elif isinstance(event, Reset):
+            self._resets_protocol += 1
             stream = streams.pop(event.conn_id, None)
             log.warning(
                 "session %s (%s): stream %s reset: %s",
@@ -613,6 +657,7 @@ class Session:
             if stream is not None:
                 stream._fail(StreamResetError(event.reason, reason=event.reason), drop_buffer=True)
         elif isinstance(event, Overrun):
+            self._resets_overrun += 1
             stream = streams.pop(event.conn_id, None)
             log.warning(
                 "session %s (%s): stream %s overran its receive buffer; reset",
@@ -628,6 +673,7 @@ class Session:
                     drop_buffer=True,
                 )
         elif isinstance(event, Reaped):
+            self._resets_sync += len(event.conn_ids)
             for conn_id in event.conn_ids:
                 stream = streams.pop(conn_id, None)
                 if stream is not None:
@@ -716,6 +762,7 @@ class Session:
 
     def _taken(self, stream: TunnelStream, n: int) -> None:
         """The writer took ``n`` Data bytes of ``stream`` out of the outbox."""
+        self.bytes_sent += n
         stream._dequeued(n)
         self._space_lot.unpark_all()
 

@@ -233,6 +233,8 @@ class SessionState:
     extensions: int = 0
     conns: dict[int, Conn] = field(default_factory=dict)
     buffered_total: int = 0
+    #: Pause frames queued so far (a plain counter for the driver's metrics).
+    pauses_sent: int = 0
     _next_msg_id: int = 1
     _next_conn_id: int = 0
     #: Frames that may overtake queued Data (Pause, Resume, Sync, replies to
@@ -442,6 +444,7 @@ class SessionState:
             conn.buffered > lim.stream_high_water or total > lim.session_high_water
         ):
             conn.pause_sent = True
+            self.pauses_sent += 1
             self._queue(frame.conn_id, MessageType.PAUSE, urgent=True)
         return DataReceived(frame.conn_id, frame.payload)
 

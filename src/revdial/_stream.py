@@ -20,6 +20,7 @@ from ._errors import (
     StreamResetError,
     TunnelError,
 )
+from ._stats import dial_result
 
 if TYPE_CHECKING:
     from ._session import Session
@@ -80,6 +81,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_closed",
         "_confirmed",
         "_detached",
+        "_dial_started",
         "_eof_sent",
         "_error",
         "_fifo_hold",
@@ -112,6 +114,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._peer_write_closed = False  # the peer half-closed (extension v1)
         self._eof_sent = False  # we half-closed
         self._confirmed = False  # extension v1: the peer's dial succeeded
+        #: When we sent the Connect (trio clock) while the dial's outcome is
+        #: unknown; None otherwise (streams the peer opened, outcome counted).
+        self._dial_started: float | None = None
         #: base protocol: fail the first receive if nothing arrived by then
         self._first_byte_deadline = math.inf
         self._error: BaseException | None = None  # raised once the buffer is drained
@@ -165,12 +170,22 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     # --- called by the session driver (synchronously) ---------------------
 
+    def _dial_done(self, result: str) -> None:
+        """Count the dial's outcome once (if this stream is a dial of ours)."""
+        started = self._dial_started
+        if started is not None:
+            self._dial_started = None
+            self._session.dial_stats.record(result, trio.current_time() - started)
+
     def _feed(self, data: bytes) -> None:
         self._buffer.append(data)
         self._received = True
+        if self._dial_started is not None:  # plain remotedialer: the first byte means connected
+            self._dial_done("ok")
         self._lot.unpark_all()
 
     def _dial_confirmed(self) -> None:
+        self._dial_done("ok")
         self._confirmed = True
         self._first_byte_deadline = math.inf  # a connected target may stay silent
         self._lot.unpark_all()
@@ -193,6 +208,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
     def _peer_closed(self, error: str | None, received_data: bool) -> None:
         """The peer sent Error for this stream (``None`` = orderly EOF)."""
         if error is None:
+            self._dial_done("ok")
             self._peer_eof = True
             self._confirmed = True
         elif (
@@ -205,6 +221,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._error = StreamResetError(
                 f"stream {self.target} reset by peer: {error}", reason=error
             )
+        if self._dial_started is not None and self._error is not None:
+            self._dial_done(dial_result(self._error))
         self._wake()
 
     def _fail(self, exc: TunnelError, *, drop_buffer: bool) -> None:
@@ -215,6 +233,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     str(exc), client_key=self._session.client_key, target=self.target
                 )
             self._error = exc
+        if self._dial_started is not None:
+            self._dial_done(dial_result(exc))
         if drop_buffer:
             self._buffer.clear()
         self._wake()
@@ -322,6 +342,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
 
     def _time_out_dial(self) -> None:
         """No answer from a peer that does not confirm dials: give up."""
+        self._dial_done("timeout")
         self._error = DialTimeoutError(
             f"dial {self.target} via client {self._session.client_key!r}: no answer within "
             f"{self._session.limits.connect_timeout:.0f} s",
@@ -415,6 +436,8 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._closed:
             return
         self._closed = True
+        if self._dial_started is not None:
+            self._dial_done("cancelled")
         self._buffer.clear()
         if not self._detached:
             self._session._close_stream(self.conn_id, error)
