@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import inspect
 import logging
@@ -381,6 +383,12 @@ class Server:
             k = name.decode("latin-1").lower()
             v = value.decode("latin-1")
             headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        if not _valid_websocket_key(headers.get("sec-websocket-key", "")):
+            # RFC 6455 4.2.1: base64 of 16 bytes; wsproto does not check it.
+            log.info("connection from %s: bad Sec-WebSocket-Key -> 400", peer)
+            self._count_rejection(400)
+            await request.reject(400, body=b"bad Sec-WebSocket-Key\n")
+            return None
         hreq = HandshakeRequest(path=request.path, headers=headers, remote=peer)
         try:
             result = self._authorize(hreq)
@@ -420,6 +428,14 @@ class Server:
                 del self._sessions[session.client_key]
         self._changed.set()
         self._changed = trio.Event()
+
+
+def _valid_websocket_key(key: str) -> bool:
+    """RFC 6455 4.2.1: ``Sec-WebSocket-Key`` is the base64 of 16 bytes."""
+    try:
+        return len(base64.b64decode(key.strip(), validate=True)) == 16
+    except (ValueError, binascii.Error):
+        return False
 
 
 def bound_addresses(listeners: list[trio.SocketListener]) -> list[tuple[str, int]]:
