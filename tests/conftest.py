@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import random
 import socket
 import struct
@@ -255,6 +256,18 @@ class Targets:
     def allow(self) -> list[str]:
         ports = (self.echo, self.sha, self.sha_eof, self.download, self.closed)
         return [f"127.0.0.1:{p}" for p in ports]
+
+
+@pytest.fixture(autouse=True)
+def _keep_root_logging() -> Iterator[None]:
+    """Tests that run the CLI's ``main()`` in-process configure the root logger
+    (a handler on that test's captured stderr): put it back afterwards, so no
+    later test logs to a closed stream or loses pytest's own handlers."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

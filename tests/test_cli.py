@@ -41,6 +41,7 @@ from conftest import (
     serve_target,
     wait_until,
 )
+from revdial._standin import HTTPConnection
 
 CLIENT = "c1"
 
@@ -681,3 +682,36 @@ async def test_status_against_a_non_revdial_answer(tmp_path: Path) -> None:
         result = await run_revdial("status", "--server", f"http://127.0.0.1:{port}")
     assert result.returncode == 1
     assert b"answered 404" in result.stderr
+
+
+async def test_sighup_rereads_user_tokens_without_dropping_sessions(tmp_path: Path) -> None:
+    listen, http = free_ports(2)
+    users = tmp_path / "users"
+    users.write_text("first-user-token c1\n")
+    server_args = ["server", "--listen", f"127.0.0.1:{listen}", "--token", TOKEN,
+                   "--http-listen", f"127.0.0.1:{http}", "--user-tokens", str(users)]
+    agent_args = ["agent", "--server", f"ws://127.0.0.1:{listen}/connect", "--id", CLIENT,
+                  "--token", TOKEN]
+
+    async def front_door_status(token: str) -> int:
+        async with await HTTPConnection.open("127.0.0.1", http) as conn:
+            resp = await conn.request("GET", f"/k8s/clusters/{CLIENT}/version",
+                                      headers=[("Authorization", f"Bearer {token}")])
+            return resp.status
+
+    async with revdial_process(server_args, tmp_path / "server.log") as server, \
+            revdial_process(agent_args, tmp_path / "agent.log") as agent:
+        await wait_log(server, f"client '{CLIENT}' connected")
+        # No --upstream on the agent: an authorized request reaches it and gets 502.
+        assert await front_door_status("first-user-token") == 502
+        users.write_text("second-user-token c1\n")
+        server.process.send_signal(signal.SIGHUP)
+        await wait_log(server, "received SIGHUP, re-reading")
+        assert await front_door_status("first-user-token") == 401
+        assert await front_door_status("second-user-token") == 502
+        assert server.process.returncode is None  # SIGHUP did not end the server
+        assert agent.output().count("connected to ws://") == 1  # nor its session
+        assert await server.terminate() == 0
+    logged = server.output()
+    assert "first-user-token" not in logged
+    assert "second-user-token" not in logged

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import shutil
 import ssl
@@ -583,3 +584,45 @@ async def test_demo_shows_the_whole_path() -> None:
         assert "web-0" in out, out
     else:
         assert "9. kubectl is not installed" in out, out
+
+
+async def test_user_tokens_file_changes_apply_without_restart(
+    cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "users"
+    path.write_text(f"{USER} c1\n")
+    users = revdial.UserTokensFile(path)
+    front_door = revdial.FrontDoor(cluster.server, users)
+    await cluster.nursery.start(front_door.serve, "127.0.0.1", 0)
+
+    async def status(token: str) -> int:
+        async with await HTTPConnection.open("127.0.0.1", front_door.port) as conn:
+            resp = await conn.request("GET", "/k8s/clusters/c1/version",
+                                      headers=[("Authorization", f"Bearer {token}")])
+            return resp.status
+
+    with trio.fail_after(10):
+        assert await status(USER) == 200
+        assert await status(OTHER) == 401
+        # Rewritten in place: the removed token stops working at the next request.
+        path.write_text(f"{OTHER} c1\n")
+        assert await status(USER) == 401
+        assert await status(OTHER) == 200
+        # Replaced atomically (rename over it), as a mounted Secret is.
+        (tmp_path / "users.new").write_text(f"{ADMIN} *\n")
+        (tmp_path / "users.new").replace(path)
+        assert await status(ADMIN) == 200
+        assert await status(OTHER) == 401
+        # A broken file keeps the last good tokens, with one warning that
+        # names the line but not its content (a secret).
+        caplog.set_level(logging.WARNING, logger="revdial")
+        path.write_text("secret-token-without-clients\n")
+        assert await status(ADMIN) == 200
+        assert await status(ADMIN) == 200
+        warnings = [r.getMessage() for r in caplog.records
+                    if "user tokens" in r.getMessage() and r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert ":1:" in warnings[0]
+        assert "secret-token" not in warnings[0]
+        assert users.reload() is False
+    assert "c1" in cluster.server.clients()  # no session was dropped

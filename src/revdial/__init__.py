@@ -32,7 +32,13 @@ from ._errors import (
     StreamResetError,
     TunnelError,
 )
-from ._frontdoor import FrontDoor, UserTokens, make_kubeconfig, read_user_tokens
+from ._frontdoor import (
+    FrontDoor,
+    UserTokens,
+    UserTokensFile,
+    make_kubeconfig,
+    read_user_tokens,
+)
 from ._limits import DEFAULT_LIMITS, Limits
 from ._monitor import Monitor
 from ._proxy import (
@@ -103,6 +109,7 @@ __all__ = [
     "TunnelError",
     "TunnelStream",
     "UserTokens",
+    "UserTokensFile",
     "abort",
     "connect",
     "default_dialer",

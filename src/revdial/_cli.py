@@ -16,7 +16,7 @@ import trio
 
 from ._agent import Agent, AllowPolicy, make_ssl_context, split_host_port
 from ._errors import DialError, RevdialError, TunnelError, exception_leaves
-from ._frontdoor import FrontDoor, make_kubeconfig, read_user_tokens
+from ._frontdoor import FrontDoor, UserTokensFile, make_kubeconfig
 from ._logs import configure_logging
 from ._metrics import DEFAULT_CLIENT_SERIES
 from ._monitor import Monitor
@@ -316,7 +316,17 @@ async def _cmd_server(args: argparse.Namespace) -> None:
             await nursery.start(_serve_forward, server, fwd, server.limits.read_size)
         if front_door is not None:
             await nursery.start(front_door.serve, *args.http_listen)
+            if isinstance(front_door.users, UserTokensFile):
+                nursery.start_soon(_reload_on_sighup, front_door.users)
         started = True
+
+
+async def _reload_on_sighup(users: UserTokensFile) -> None:
+    """``kill -HUP``: re-read ``--user-tokens`` now (changes are also seen per request)."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("received SIGHUP, re-reading %s", users.path)
+            users.reload()
 
 
 def _front_door(
@@ -330,8 +340,8 @@ def _front_door(
         raise SystemExit("revdial server: refusing to serve --http-listen without "
                          "--user-tokens FILE (lines of 'TOKEN CLIENT_KEY[,KEY...]' or 'TOKEN *')")
     try:
-        users = read_user_tokens(args.user_tokens)
-    except (OSError, ValueError) as exc:
+        users = UserTokensFile(args.user_tokens)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise SystemExit(f"revdial server: {exc}") from None
     return FrontDoor(server, users, ssl_context=ssl_context)
 

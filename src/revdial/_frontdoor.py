@@ -87,7 +87,14 @@ from ._proxy import (
 )
 from ._server import Server, bound_addresses
 
-__all__ = ["ALL_CLIENTS", "FrontDoor", "UserTokens", "make_kubeconfig", "read_user_tokens"]
+__all__ = [
+    "ALL_CLIENTS",
+    "FrontDoor",
+    "UserTokens",
+    "UserTokensFile",
+    "make_kubeconfig",
+    "read_user_tokens",
+]
 
 log = logging.getLogger("revdial.frontdoor")
 
@@ -167,6 +174,62 @@ def read_user_tokens(path: str | os.PathLike[str]) -> UserTokens:
     return UserTokens(grants)
 
 
+class UserTokensFile:
+    """The front door's users, read from a file and re-read when it changes.
+
+    Like :func:`read_user_tokens`, but each lookup first checks the file
+    (``os.stat``: inode, size, modification time; a syscall, no read) and
+    re-reads it when it changed, so an added token works and a removed one
+    stops working at the next request, with no restart and no session
+    dropped. :meth:`reload` re-reads at once (the CLI calls it on SIGHUP). A
+    file that becomes unreadable or malformed keeps the last good set, with
+    one warning naming the line (never its content).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._key: tuple[int, int, int] | None = None
+        self._failed_key: tuple[int, int, int] | None = None
+        self.tokens = read_user_tokens(self.path)  # fails loudly at startup
+        self._key = self._stat()
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:  # never the tokens
+        return f"<UserTokensFile {self.path}: {len(self)} tokens>"
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def reload(self) -> bool:
+        """Re-read the file now; False (and the last good set kept) if it is bad."""
+        key = self._stat()
+        try:
+            tokens = read_user_tokens(self.path)
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            if key != self._failed_key:
+                log.warning("user tokens %s: %s (keeping the %d tokens read before)",
+                            self.path, exc if isinstance(exc, ValueError) else
+                            type(exc).__name__, len(self.tokens))
+                self._failed_key = key
+            self._key = key
+            return False
+        self.tokens, self._key, self._failed_key = tokens, key, None
+        log.info("user tokens %s: %d tokens", self.path, len(tokens))
+        return True
+
+    def authorize(self, token: str, client_key: str) -> bool | None:
+        """As :meth:`UserTokens.authorize`, with the file as it is now."""
+        if self._stat() != self._key:
+            self.reload()
+        return self.tokens.authorize(token, client_key)
+
+
 def _bearer(request: ProxyRequest) -> str | None:
     values = [v for n, v in request.headers if n == b"authorization"]
     if len(values) != 1:
@@ -193,7 +256,7 @@ class FrontDoor:
     def __init__(
         self,
         server: Server,
-        users: UserTokens,
+        users: UserTokens | UserTokensFile,
         *,
         limits: ProxyLimits = DEFAULT_PROXY_LIMITS,
         ssl_context: ssl.SSLContext | None = None,
