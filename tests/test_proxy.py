@@ -1042,3 +1042,47 @@ async def test_requests_whole_byte_by_byte_and_pipelined(mode: str) -> None:
                         conn.send(h11.EndOfMessage())
     assert bodies == [b"abc", b"ok", b"xy"]
     assert [s.target for s in up.requests] == ["/one", "/two", "/three"]
+
+
+async def test_trailers_pass_both_ways() -> None:
+    """Chunked bodies keep their trailer fields, request and response."""
+    seen_trailers: list[list[tuple[bytes, bytes]]] = []
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(bytes(await stream.receive_some()))
+            elif isinstance(event, h11.EndOfMessage):
+                seen_trailers.append(list(event.headers.raw_items()))
+                break
+        await stream.send_all(
+            conn.send(h11.Response(status_code=200, headers=[("transfer-encoding", "chunked"),
+                                                             ("trailer", "x-checksum")]))
+            + conn.send(h11.Data(data=b"body"))
+            + conn.send(h11.EndOfMessage(headers=[("x-checksum", "sha256:abc"),
+                                                  ("keep-alive", "timeout=5")])))
+
+    request = (b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"4\r\nbody\r\n0\r\nX-Request-Digest: d1\r\n\r\n")
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            client = downstream(nursery, proxy)
+            await client.send_all(request)
+            conn = h11.Connection(h11.CLIENT)
+            conn.send(h11.Request(method="POST", target="/upload", headers=[("host", "a")]))
+            events: list[h11.Event] = []
+            while not events or not isinstance(events[-1], h11.EndOfMessage):
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(bytes(await client.receive_some()))
+                else:
+                    assert isinstance(event, h11.Event)
+                    events.append(event)
+    assert seen_trailers == [[(b"x-request-digest", b"d1")]]
+    response, *_, eom = events
+    assert isinstance(response, h11.Response)
+    assert isinstance(eom, h11.EndOfMessage)
+    # The trailer field passed; a hop-by-hop one never does (RFC 9110 7.6.1).
+    assert list(eom.headers.raw_items()) == [(b"x-checksum", b"sha256:abc")]

@@ -318,6 +318,11 @@ def end_to_end_headers(
     return [(n, v) for n, v in items if n not in drop]
 
 
+def _trailers(event: h11.EndOfMessage) -> list[tuple[bytes, bytes]]:
+    """A chunked message's trailer fields to pass on (hop-by-hop ones removed)."""
+    return end_to_end_headers(event.headers.raw_items()) if event.headers else []
+
+
 def with_forwarded(
     headers: list[tuple[bytes, bytes]],
     *,
@@ -1034,7 +1039,9 @@ class HTTPForwarder:
                 if isinstance(event, h11.Data):
                     await x.up.send(h11.Data(data=event.data))
                 else:
-                    await x.up.send(h11.EndOfMessage())
+                    # Trailers of a chunked body pass on (the upstream request is
+                    # chunked too); a Content-Length body has none.
+                    await x.up.send(h11.EndOfMessage(headers=_trailers(event)))
                     break
         except _UpstreamFailed:
             # The upstream stopped taking the body (it may have answered
@@ -1103,7 +1110,10 @@ class HTTPForwarder:
             if isinstance(body, h11.Data):
                 out.append(down.encode(h11.Data(data=body.data)))
             elif isinstance(body, h11.EndOfMessage):
-                out.append(down.encode(h11.EndOfMessage()))
+                # Trailers pass on when the client's response is chunked too
+                # (HTTP/1.1 and no Content-Length); else they are dropped.
+                trailers = _trailers(body) if chunked and down.http11 else []
+                out.append(down.encode(h11.EndOfMessage(headers=trailers)))
                 await down.send_raw(b"".join(out))
                 return True
             else:
