@@ -23,6 +23,7 @@ from ._session import (
     ActivityStream,
     Session,
     negotiate_extensions,
+    release_handshake_state,
     tune_transport,
 )
 from ._state import Role
@@ -252,45 +253,20 @@ class Server:
     async def _handshake_and_serve(
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str
     ) -> None:
-        limits = self.limits
-        with trio.move_on_after(limits.handshake_timeout) as scope:
-            request = await wrap_server_stream(
-                nursery,
-                transport,
-                max_message_size=limits.max_message_size,
-                receive_buffer_size=limits.read_size,
-            )
-        if scope.cancelled_caught:
-            log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
-                     limits.handshake_timeout)
+        # The handshake's objects (the request, its headers) live in
+        # _open_session's frame only, not for the whole session.
+        session = await self._open_session(nursery, transport, peer)
+        if session is None:
             return
-        client_key = await self._check_request(request, peer)
-        if client_key is None:
-            return
-        offer = next(
-            (v.decode("latin-1") for k, v in request.headers
-             if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
-            None,
-        )
-        version = negotiate_extensions(offer, self._extension_version)
-        answer = [(EXTENSION_HEADER.encode(), str(version).encode())] if version else []
-        ws = await request.accept(extra_headers=answer)
-        session = Session(
-            ws,
-            transport,
-            Role.SERVER,
-            client_key=client_key,
-            limits=limits,
-            session_key=random.getrandbits(63),
-            extensions=version,
-        )
+        client_key = session.client_key
         self._register(session)
         log.info(
             "session %s: client %r connected from %s (%s)",
             session.id,
             client_key,
             peer,
-            f"revdial extension v{version}" if version else "plain remotedialer",
+            f"revdial extension v{session.extensions}" if session.extensions
+            else "plain remotedialer",
         )
         try:
             await session.run()
@@ -302,6 +278,45 @@ class Server:
                 client_key,
                 session.end_reason or "closed",
             )
+
+    async def _open_session(
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+    ) -> Session | None:
+        """The WebSocket handshake, authorization and 101: a Session, or None
+        once the request was refused (or timed out, logged)."""
+        limits = self.limits
+        with trio.move_on_after(limits.handshake_timeout) as scope:
+            request = await wrap_server_stream(
+                nursery,
+                transport,
+                max_message_size=limits.max_message_size,
+                receive_buffer_size=limits.read_size,
+            )
+        if scope.cancelled_caught:
+            log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
+                     limits.handshake_timeout)
+            return None
+        client_key = await self._check_request(request, peer)
+        if client_key is None:
+            return None
+        offer = next(
+            (v.decode("latin-1") for k, v in request.headers
+             if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
+            None,
+        )
+        version = negotiate_extensions(offer, self._extension_version)
+        answer = [(EXTENSION_HEADER.encode(), str(version).encode())] if version else []
+        ws = await request.accept(extra_headers=answer)
+        release_handshake_state(ws)
+        return Session(
+            ws,
+            transport,
+            Role.SERVER,
+            client_key=client_key,
+            limits=limits,
+            session_key=random.getrandbits(63),
+            extensions=version,
+        )
 
     async def _check_request(self, request: WebSocketRequest, peer: str) -> str | None:
         path = request.path.partition("?")[0]
