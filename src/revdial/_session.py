@@ -411,6 +411,12 @@ class Session:
         self._small: deque[tuple[bytes, int, TunnelStream]] = _NO_QUEUE
         self._small_run = 0  # small-lane bytes sent since the last bulk item
         self._writer_lot = trio.lowlevel.ParkingLot()
+        # The writer task runs only while there is something to write: it is
+        # started by the first frame queued and retired by the reader once it
+        # has been idle (see _start_writer, _retire_idle_writer).
+        self._writer_running = False
+        self._writer_idle = False
+        self._writer_retire = False
         self._space_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._ended = False
@@ -501,7 +507,8 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                if self._urgent or self._fifo or self._small:
+                    self._start_writer()
                 if self.role is Role.CLIENT:
                     nursery.start_soon(self._keepalive)
                 task_status.started()
@@ -605,7 +612,10 @@ class Session:
             self._fifo_in += 1
             self._fifo_data_bytes += n
         stream._queued += n
-        self._writer_lot.unpark()
+        if self._writer_running:
+            self._writer_lot.unpark()
+        else:
+            self._start_writer()
 
     def _flush_state(self) -> None:
         state = self.state
@@ -624,7 +634,10 @@ class Session:
         if len(self._urgent) + self._fifo_control > self.limits.max_control_frames:
             # The peer provokes replies but does not read them.
             self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
-        self._writer_lot.unpark()
+        if self._writer_running:
+            self._writer_lot.unpark()
+        else:
+            self._start_writer()
 
     def _abort(self, reason: RevdialError) -> None:
         """End the session from any task: record why, cancel its nursery."""
@@ -653,6 +666,7 @@ class Session:
                         SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)")
                     )
                     return
+                self._retire_idle_writer()
                 with trio.CancelScope(deadline=deadline):
                     while True:
                         try:
@@ -810,7 +824,28 @@ class Session:
             return item  # type: ignore[return-value]
         return None
 
+    def _start_writer(self) -> None:
+        """Start the writer task for newly queued frames (no-op before run()
+        or after the end: run() starts it if frames are already queued)."""
+        if self._writer_running or self._nursery is None or self._ended:
+            return
+        self._writer_running = True
+        self._writer_retire = False
+        self._nursery.start_soon(self._writer)
+
+    def _retire_idle_writer(self) -> None:
+        """Let a writer that is parked with nothing to write end (the reader
+        calls this at its keepalive deadline): an idle session holds no
+        writer task. The next queued frame starts a new one."""
+        if self._writer_running and self._writer_idle:
+            self._writer_retire = True
+            self._writer_lot.unpark()
+
     async def _writer(self) -> None:
+        """Write queued frames until the outbox is empty and the reader asked
+        it to retire, or the WebSocket is closed. Cancelled with the session;
+        a frame is only ever written whole (one ``send_message`` or one
+        batched ``send_all``)."""
         send = self.ws.send_message
         batch_sender = _BatchSender.install(self.ws)
         # Frames gathered into one write: at most this many bytes, so a batch
@@ -822,7 +857,14 @@ class Session:
             while True:
                 frame = self._next_frame()
                 if frame is None:
-                    await self._writer_lot.park()
+                    if self._writer_retire:
+                        self._writer_running = self._writer_retire = False
+                        return
+                    self._writer_idle = True
+                    try:
+                        await self._writer_lot.park()
+                    finally:
+                        self._writer_idle = False
                     continue
                 if batch_sender is None or len(frame) > small_frame:
                     await send(frame)
@@ -839,7 +881,8 @@ class Session:
                 else:
                     await batch_sender.send(batch)
         except ConnectionClosed:
-            # The reader sees the same closure and ends the session.
+            # The reader sees the same closure and ends the session; no new
+            # writer is started (_writer_running stays set).
             self._space_lot.unpark_all()
 
     def _writer_has_small_next(self, limit: int) -> bool:
