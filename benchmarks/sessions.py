@@ -11,8 +11,10 @@ target and is connected first; then the other N-1 start at once.
   itself (the agent side: N sessions in one process).
 * **join**: seconds from starting the N-1 agents until every agent has a
   session (the helper polls every 20 ms); meanwhile a probe echoes one byte
-  through the forward every 20 ms, and its worst RTT shows whether the
-  handshakes starve the session already up.
+  every 20 ms on a connection opened through the forward (and fleet-0's
+  session) before, and its worst RTT shows whether the handshakes starve the
+  session already up (the helper's own load, 999 agents handshaking in one
+  process, is in that figure too).
 * **restart** (``--restarts`` rounds): ``kill -9`` the server, leave it down
   ``--down`` seconds, start it again on the same ports; seconds from that
   start until every agent is back *and* the forward echoes. Handshakes the
@@ -107,6 +109,9 @@ def run_agents(url: str, count: int, allow: str) -> None:
         print(f"base rss {rss_kib()}", file=sys.stderr, flush=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(agents[0].run)
+            # The driver opens its probe connection through fleet-0 meanwhile.
+            await trio.sleep(2.0)
+            print("fleet starts", file=sys.stderr, flush=True)
             t0 = time.monotonic()
             for agent in agents[1:]:
                 nursery.start_soon(agent.run)
@@ -149,8 +154,17 @@ def all_up_lines(helper: Proc) -> list[tuple[float, float, dict[str, int]]]:
     return out
 
 
+def probe_rtt(sock: socket.socket) -> float:
+    """One byte echoed on a connection already open through the forward."""
+    t0 = time.monotonic()
+    sock.sendall(b"x")
+    if sock.recv(1) != b"x":
+        raise RuntimeError("probe connection broken")
+    return time.monotonic() - t0
+
+
 def wait_all_up(helper: Proc, after: float, timeout: float,
-                probe_port: int | None = None) -> tuple[float, dict[str, int], list[float]]:
+                probe: socket.socket | None = None) -> tuple[float, dict[str, int], list[float]]:
     """Wait for an "all up" line stamped after ``after``; probe the forward meanwhile."""
     deadline = time.monotonic() + timeout
     rtts: list[float] = []
@@ -162,10 +176,8 @@ def wait_all_up(helper: Proc, after: float, timeout: float,
         if time.monotonic() > deadline:
             raise TimeoutError(f"fleet not whole after {timeout:g} s: "
                                f"{helper.stderr_text()[-600:]}")
-        if probe_port is not None:
-            rtt = echo_rtt(probe_port)
-            if rtt is not None:
-                rtts.append(rtt)
+        if probe is not None:
+            rtts.append(probe_rtt(probe))
         time.sleep(0.02)
 
 
@@ -208,7 +220,12 @@ def run_path(path: str, env: dict[str, str] | None, args: argparse.Namespace) ->
         helper.wait_output("base rss", timeout=30)
         helper_base = int(re.findall(r"base rss (\d+)", helper.stderr_text())[0])
         wait_forward(fwd_port, 30)
-        at, failures, rtts = wait_all_up(helper, 0.0, 120, probe_port=fwd_port)
+        probe = socket.create_connection((LOOPBACK, fwd_port), timeout=10)
+        stack.callback(probe.close)
+        probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        idle_rtts = [probe_rtt(probe) for _ in range(20)]
+        helper.wait_output("fleet starts", timeout=30)
+        at, failures, rtts = wait_all_up(helper, 0.0, 120, probe=probe)
         join = all_up_lines(helper)[0][1]
         log(f"{path}: {args.count} agents joined in {join:.2f} s; failures {failures}; "
             f"probe RTT max {max(rtts, default=0) * 1e3:.1f} ms over {len(rtts)} echoes")
@@ -222,7 +239,8 @@ def run_path(path: str, env: dict[str, str] | None, args: argparse.Namespace) ->
             "agent_kib_per_session": (agt - helper_base) / args.count,
             "join_s": join, "join_failures": failures,
             "join_probe_rtt_ms": {"max": max(rtts, default=0) * 1e3,
-                                  "median": median(rtts) * 1e3, "n": len(rtts)},
+                                  "median": median(rtts) * 1e3, "n": len(rtts),
+                                  "idle_median": median(idle_rtts) * 1e3},
         })
         log(f"{path}: server {(srv - idle) / args.count:.1f} KiB/session, "
             f"agent {(agt - helper_base) / args.count:.1f} KiB/session")

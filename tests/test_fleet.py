@@ -7,12 +7,19 @@
 * An idle session holds no writer task: the first queued frame starts one,
   and the reader retires it at its keepalive deadline once it is idle; a
   retired writer is started again by the next frame (MockClock).
+* A returning fleet: at most ``max_concurrent_handshakes`` handshake at once,
+  the others wait and all complete; one whose wait and handshake outlast
+  ``handshake_timeout`` is closed (logged), never refused; past
+  ``max_sessions`` an agent gets a 503 and the server logs a warning. Raw
+  trio-websocket clients over memory streams, MockClock, exact instants.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, cast
 
+import pytest
 import trio
 import trio.testing
 import trio_websocket
@@ -102,3 +109,125 @@ async def test_writer_runs_only_while_there_is_something_to_write(
         await trio.testing.wait_all_tasks_blocked()
         assert p.server.statistics().streams == 0
         assert p.client.statistics().streams == 0
+
+
+# --- a returning fleet: bounded handshake work, nobody refused ----------------------
+
+
+async def _agent_over_memory(
+    server: revdial.Server, nursery: trio.Nursery, key: str, done: list[str]
+) -> None:
+    """One raw WebSocket client over a memory stream pair, served by ``server``."""
+    server_end, client_end = trio.testing.memory_stream_pair()
+    nursery.start_soon(server._serve_stream, server_end, key)
+    try:
+        await trio_websocket.wrap_client_stream(
+            nursery, cast(Any, client_end), "fleet", "/connect",
+            extra_headers=[(b"X-Tunnel-ID", key.encode())],
+        )
+    except trio_websocket.HandshakeError:
+        done.append(f"{key}: failed")
+        return
+    done.append(key)
+
+
+def _counting_authorizer(
+    seconds: float,
+) -> tuple[revdial.Authorizer, dict[str, int]]:
+    """An async authorizer that takes ``seconds`` and counts how many run at once."""
+    counts = {"active": 0, "peak": 0, "calls": 0}
+
+    async def authorize(request: revdial.HandshakeRequest) -> str:
+        counts["calls"] += 1
+        counts["active"] += 1
+        counts["peak"] = max(counts["peak"], counts["active"])
+        try:
+            await trio.sleep(seconds)
+        finally:
+            counts["active"] -= 1
+        return request.headers["x-tunnel-id"]
+
+    return authorize, counts
+
+
+async def test_handshakes_beyond_the_limit_wait_and_all_complete(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    authorize, counts = _counting_authorizer(1.0)
+    server = revdial.Server(authorize, limits=revdial.Limits(max_concurrent_handshakes=2))
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        for i in range(7):
+            nursery.start_soon(_agent_over_memory, server, nursery, f"agent-{i}", done)
+            await trio.testing.wait_all_tasks_blocked()  # arrive in this order
+        while len(server.clients()) < 7:
+            await server._changed.wait()
+        # Two at a time, one virtual second each: 7 handshakes take 4 s, and
+        # nobody was refused or timed out.
+        assert trio.current_time() == t0 + 4.0
+        assert counts == {"active": 0, "peak": 2, "calls": 7}
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(done) == sorted(f"agent-{i}" for i in range(7))
+        assert server.statistics().sessions == 7
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_waiting_past_the_handshake_timeout_is_closed_not_refused(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="revdial")
+    authorize, counts = _counting_authorizer(4.0)
+    limits = revdial.Limits(max_concurrent_handshakes=1, handshake_timeout=10.0)
+    server = revdial.Server(authorize, limits=limits)
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(_agent_over_memory, server, nursery, f"agent-{i}", done)
+            await trio.testing.wait_all_tasks_blocked()  # arrive in this order
+        await trio.sleep(20)
+        # Slots at 0-4 s and 4-8 s; the third would finish at 12 s, past its
+        # 10 s, and the fourth never got a slot: both connections are closed
+        # at 10 s (the agents retry), with no 503.
+        assert sorted(server.clients()) == ["agent-0", "agent-1"]
+        assert "agent-2" not in done
+        assert "agent-3" not in done
+        assert counts["peak"] == 1
+        nursery.cancel_scope.cancel()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(
+        "agent-2: no WebSocket handshake within 10 s" in m for m in messages
+    ), messages
+    assert any(
+        "agent-3: closed after waiting 10 s for a handshake slot" in m for m in messages
+    ), messages
+    assert not any("503" in m for m in messages)
+
+
+async def test_past_max_sessions_the_agent_gets_503_and_the_server_logs_it(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    authorize, _ = _counting_authorizer(0.0)
+    server = revdial.Server(authorize, limits=revdial.Limits(max_sessions=2))
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(2):
+            await _agent_over_memory(server, nursery, f"agent-{i}", done)
+        server_end, client_end = trio.testing.memory_stream_pair()
+        nursery.start_soon(server._serve_stream, server_end, "agent-2")
+        rejected: list[trio_websocket.ConnectionRejected] = []
+        try:
+            async with trio.open_nursery() as inner:  # hosts the client's reader
+                await trio_websocket.wrap_client_stream(
+                    inner, cast(Any, client_end), "fleet", "/connect",
+                    extra_headers=[(b"X-Tunnel-ID", b"agent-2")],
+                )
+        except* trio_websocket.ConnectionRejected as group:
+            rejected.extend(cast(Any, group.exceptions))
+        assert [(r.status_code, r.body) for r in rejected] == [(503, b"too many sessions\n")]
+        assert server.clients() == ["agent-0", "agent-1"]
+        nursery.cancel_scope.cancel()
+    assert any(
+        r.levelname == "WARNING" and "agent-2: session limit reached -> 503" in r.getMessage()
+        for r in caplog.records
+    )

@@ -119,6 +119,9 @@ class Server:
         self._ssl_context = ssl_context
         self._sessions: dict[str, list[Session]] = {}
         self._changed = trio.Event()
+        #: Opening handshakes in progress at once (``Limits.max_concurrent_handshakes``);
+        #: connections beyond it wait, unread, within their ``handshake_timeout``.
+        self._handshakes = trio.CapacityLimiter(limits.max_concurrent_handshakes)
         #: Bound ``(host, port)`` pairs once :meth:`serve` has started.
         self.addresses: list[tuple[str, int]] = []
 
@@ -231,9 +234,14 @@ class Server:
         except OSError:
             peer = "?"
         tune_transport(tcp, self.limits)
-        stream: trio.abc.Stream = tcp
+        await self._serve_stream(tcp, peer)
+
+    async def _serve_stream(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Handshake on ``stream`` (TLS first, if configured), then serve the
+        session until it ends; closes ``stream`` in every case. Errors are
+        logged, never raised; cancellation closes the stream forcefully."""
         if self._ssl_context is not None:
-            stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
+            stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
         transport = ActivityStream(stream)
         try:
             async with trio.open_nursery() as nursery:
@@ -283,19 +291,42 @@ class Server:
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str
     ) -> Session | None:
         """The WebSocket handshake, authorization and 101: a Session, or None
-        once the request was refused (or timed out, logged)."""
+        once the request was refused or timed out (logged).
+
+        At most ``max_concurrent_handshakes`` run at once; a connection beyond
+        that waits for a slot without being read, and ``handshake_timeout``
+        bounds its wait and handshake together: a returning fleet queues
+        instead of being refused, and cannot starve the sessions already up.
+        """
         limits = self.limits
-        with trio.move_on_after(limits.handshake_timeout) as scope:
-            request = await wrap_server_stream(
-                nursery,
-                transport,
-                max_message_size=limits.max_message_size,
-                receive_buffer_size=limits.read_size,
-            )
-        if scope.cancelled_caught:
+        slots = self._handshakes
+        got_slot = False
+        with trio.move_on_after(limits.handshake_timeout):
+            async with slots:
+                got_slot = True
+                return await self._upgrade(nursery, transport, peer)
+        if got_slot:
             log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
                      limits.handshake_timeout)
-            return None
+        else:
+            log.warning(
+                "connection from %s: closed after waiting %.0f s for a handshake slot "
+                "(%d handshakes in progress, %d connections waiting)",
+                peer, limits.handshake_timeout, slots.borrowed_tokens,
+                slots.statistics().tasks_waiting,
+            )
+        return None
+
+    async def _upgrade(
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+    ) -> Session | None:
+        limits = self.limits
+        request = await wrap_server_stream(
+            nursery,
+            transport,
+            max_message_size=limits.max_message_size,
+            receive_buffer_size=limits.read_size,
+        )
         client_key = await self._check_request(request, peer)
         if client_key is None:
             return None
