@@ -15,9 +15,11 @@ target and is connected first; then the other N-1 start at once.
   session) before, and its worst RTT shows whether the handshakes starve the
   session already up (the helper's own load, 999 agents handshaking in one
   process, is in that figure too).
-* **restart** (``--restarts`` rounds): ``kill -9`` the server, leave it down
-  ``--down`` seconds, start it again on the same ports; seconds from that
-  start until every agent is back *and* the forward echoes. Handshakes the
+* **restart** (``--restarts`` rounds, the fleet whole for ``--interval``
+  seconds before each): ``kill -9`` the server, leave it down ``--down``
+  seconds, start it again on the same ports; seconds from that start
+  (including the server's own start-up) until every agent is back *and* the
+  forward echoes. Handshakes the
   server refused (503) or that timed out are counted from the agents' logs.
 
 With ``REVDIAL_BASE_SRC=<checkout>/src`` the same runs against an older
@@ -246,6 +248,7 @@ def run_path(path: str, env: dict[str, str] | None, args: argparse.Namespace) ->
             f"agent {(agt - helper_base) / args.count:.1f} KiB/session")
         restarts = []
         for i in range(args.restarts):
+            time.sleep(args.interval)
             servers[-1].popen.kill()
             servers[-1].popen.wait()
             log503 = servers[-1].stderr_text().count("-> 503")
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--down", type=float, default=2.0)
+    parser.add_argument("--interval", type=float, default=5.0,
+                        help="seconds the whole fleet stays up between restarts")
     parser.add_argument("--settle", type=float, default=3.0)
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--paths", nargs="+", default=["revdial"],
