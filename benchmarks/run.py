@@ -32,6 +32,7 @@ def plan(full: bool) -> dict[str, list[str]]:
                     "--repeat-largest", "3" if full else "1"],
         "fairness": ["--seconds", "10" if full else "5", "--repeat", "3"],
         "memory": ["--long"] if full else ["--seconds", "15"],
+        "sessions": ["--count", "1000", "--restarts", "3"],
     }
     if importlib.util.find_spec("benchmarks.http_path") is not None:
         steps["http_path"] = []  # its own defaults

@@ -36,6 +36,7 @@ from ._session import (
     ConnectHandler,
     Session,
     negotiate_extensions,
+    release_handshake_state,
     tune_transport,
 )
 from ._splice import splice
@@ -389,6 +390,7 @@ class Agent:
                          if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
                         None,
                     )
+                    release_handshake_state(ws)
                     session = Session(
                         ws,
                         transport,

@@ -9,7 +9,8 @@ Memory bound that follows from the defaults (see README, "Limits"):
   bytes across all its streams, plus one WebSocket message being reassembled
   (``max_message_size``) and a bounded outbox (``outbox_bytes`` of bulk Data,
   as much again of small frames, plus ``max_control_frames`` control frames);
-* per server: ``max_sessions`` sessions.
+* per server: ``max_sessions`` sessions (16,384: ~340 MiB of RSS while idle,
+  ~21 KiB each), at most ``max_concurrent_handshakes`` of them handshaking.
 """
 
 from __future__ import annotations
@@ -69,8 +70,14 @@ class Limits:
     max_control_frames: int = 65536
     #: Streams open at once on one session.
     max_streams: int = 65536
-    #: Sessions a server holds at once.
-    max_sessions: int = 1024
+    #: Sessions a server holds at once; the next agent is refused with 503
+    #: (and a warning is logged) until one ends. Chosen from a memory budget:
+    #: an idle session costs ~21 KiB of server RSS (benchmarks/sessions.py,
+    #: 1,000 sessions), so 16,384 idle sessions take ~340 MiB -- a fleet of
+    #: every downstream cluster of a large Rancher install on a 1 GiB server,
+    #: with room for the active ones' buffers (bounded per session above). It
+    #: also needs as many file descriptors: raise ``ulimit -n`` to match.
+    max_sessions: int = 16384
     #: Agents ping this often (Go: 5 s). Servers do not ping (as Go): they
     #: watch the agents' pings arrive. Only one side pinging means only one
     #: side's reader ever writes (pongs), so two writers blocked on each
@@ -99,8 +106,19 @@ class Limits:
     #: ``dial_timeout`` so the agent's own, more specific, error arrives first.
     #: ``0`` disables it.
     connect_timeout: float = 35.0
-    #: WebSocket opening handshake timeout (Go: 10 s client, 5 s server).
+    #: WebSocket opening handshake timeout (Go: 10 s client, 5 s server). On
+    #: the server it also bounds the wait for a handshake slot (below).
     handshake_timeout: float = 10.0
+    #: Opening handshakes a server works on at once; further connections wait
+    #: (unread, not refused) within ``handshake_timeout``. trio runs every
+    #: ready task once per scheduler round, so with a whole fleet handshaking
+    #: at once (1,000 agents back after a restart) the sessions already up
+    #: wait behind every handshake step. Measured (benchmarks/sessions.py,
+    #: 1,000 agents joining): a byte echoed through a session already up took
+    #: 246 ms (median) with 128 slots, 55 ms with 32, 15 ms with 8; the fleet
+    #: joined in 2.8, 1.9 and 2.3 s. 32 keeps enough handshakes in flight to
+    #: hide the agents' round trips.
+    max_concurrent_handshakes: int = 32
     #: Graceful part of closing a session before it is closed forcefully.
     close_timeout: float = 2.0
 
@@ -114,6 +132,8 @@ class Limits:
             raise ValueError("frame, read and outbox sizes must be positive")
         if self.small_frame_bytes < 0 or self.small_frame_budget <= 0:
             raise ValueError("small_frame_bytes must be >= 0 and small_frame_budget > 0")
+        if self.max_sessions <= 0 or self.max_concurrent_handshakes <= 0:
+            raise ValueError("max_sessions and max_concurrent_handshakes must be positive")
         if self.ping_interval <= 0 or self.ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
 

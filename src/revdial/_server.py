@@ -25,6 +25,7 @@ from ._session import (
     ActivityStream,
     Session,
     negotiate_extensions,
+    release_handshake_state,
     tune_transport,
 )
 from ._state import Role
@@ -140,6 +141,9 @@ class Server:
         self._sessions_accepted = 0
         self._rejected: dict[int, int] = {}
         self._ended_counters = SessionCounters()
+        #: Opening handshakes in progress at once (``Limits.max_concurrent_handshakes``);
+        #: connections beyond it wait, unread, within their ``handshake_timeout``.
+        self._handshakes = trio.CapacityLimiter(limits.max_concurrent_handshakes)
         #: Bound ``(host, port)`` pairs once :meth:`serve` has started.
         self.addresses: list[tuple[str, int]] = []
 
@@ -279,9 +283,14 @@ class Server:
         except OSError:
             peer = "?"
         tune_transport(tcp, self.limits)
-        stream: trio.abc.Stream = tcp
+        await self._serve_stream(tcp, peer)
+
+    async def _serve_stream(self, stream: trio.abc.Stream, peer: str) -> None:
+        """Handshake on ``stream`` (TLS first, if configured), then serve the
+        session until it ends; closes ``stream`` in every case. Errors are
+        logged, never raised; cancellation closes the stream forcefully."""
         if self._ssl_context is not None:
-            stream = trio.SSLStream(tcp, self._ssl_context, server_side=True)
+            stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
         transport = ActivityStream(stream)
         try:
             async with trio.open_nursery() as nursery:
@@ -301,40 +310,12 @@ class Server:
     async def _handshake_and_serve(
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str
     ) -> None:
-        limits = self.limits
-        with trio.move_on_after(limits.handshake_timeout) as scope:
-            request = await wrap_server_stream(
-                nursery,
-                transport,
-                max_message_size=limits.max_message_size,
-                receive_buffer_size=limits.read_size,
-            )
-        if scope.cancelled_caught:
-            log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
-                     limits.handshake_timeout)
+        # The handshake's objects (the request, its headers) live in
+        # _open_session's frame only, not for the whole session.
+        session = await self._open_session(nursery, transport, peer)
+        if session is None:
             return
-        client_key = await self._check_request(request, peer)
-        if client_key is None:
-            return
-        offer = next(
-            (v.decode("latin-1") for k, v in request.headers
-             if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
-            None,
-        )
-        version = negotiate_extensions(offer, self._extension_version)
-        answer = [(EXTENSION_HEADER.encode(), str(version).encode())] if version else []
-        ws = await request.accept(extra_headers=answer)
-        session = Session(
-            ws,
-            transport,
-            Role.SERVER,
-            client_key=client_key,
-            limits=limits,
-            session_key=random.getrandbits(63),
-            extensions=version,
-            remote=peer,
-            dial_stats=self.dial_stats,
-        )
+        client_key = session.client_key
         self._register(session)
         fields = {"session_id": session.id, "client_key": client_key, "remote": peer}
         log.info(
@@ -342,8 +323,9 @@ class Server:
             session.id,
             client_key,
             peer,
-            f"revdial extension v{version}" if version else "plain remotedialer",
-            extra={**fields, "event": "session_start", "extension": version},
+            f"revdial extension v{session.extensions}" if session.extensions
+            else "plain remotedialer",
+            extra={**fields, "event": "session_start", "extension": session.extensions},
         )
         try:
             await session.run()
@@ -370,6 +352,70 @@ class Server:
                     "reason": str(session.end_reason or "closed"),
                 },
             )
+
+    async def _open_session(
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+    ) -> Session | None:
+        """The WebSocket handshake, authorization and 101: a Session, or None
+        once the request was refused or timed out (logged).
+
+        At most ``max_concurrent_handshakes`` run at once; a connection beyond
+        that waits for a slot without being read, and ``handshake_timeout``
+        bounds its wait and handshake together: a returning fleet queues
+        instead of being refused, and cannot starve the sessions already up.
+        """
+        limits = self.limits
+        slots = self._handshakes
+        got_slot = False
+        with trio.move_on_after(limits.handshake_timeout):
+            async with slots:
+                got_slot = True
+                return await self._upgrade(nursery, transport, peer)
+        if got_slot:
+            log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
+                     limits.handshake_timeout)
+        else:
+            log.warning(
+                "connection from %s: closed after waiting %.0f s for a handshake slot "
+                "(%d handshakes in progress, %d connections waiting)",
+                peer, limits.handshake_timeout, slots.borrowed_tokens,
+                slots.statistics().tasks_waiting,
+            )
+        return None
+
+    async def _upgrade(
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+    ) -> Session | None:
+        limits = self.limits
+        request = await wrap_server_stream(
+            nursery,
+            transport,
+            max_message_size=limits.max_message_size,
+            receive_buffer_size=limits.read_size,
+        )
+        client_key = await self._check_request(request, peer)
+        if client_key is None:
+            return None
+        offer = next(
+            (v.decode("latin-1") for k, v in request.headers
+             if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
+            None,
+        )
+        version = negotiate_extensions(offer, self._extension_version)
+        answer = [(EXTENSION_HEADER.encode(), str(version).encode())] if version else []
+        ws = await request.accept(extra_headers=answer)
+        release_handshake_state(ws)
+        return Session(
+            ws,
+            transport,
+            Role.SERVER,
+            client_key=client_key,
+            limits=limits,
+            session_key=random.getrandbits(63),
+            extensions=version,
+            remote=peer,
+            dial_stats=self.dial_stats,
+        )
 
     async def _check_request(self, request: WebSocketRequest, peer: str) -> str | None:
         path = request.path.partition("?")[0]

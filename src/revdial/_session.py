@@ -1,8 +1,10 @@
 """The trio driver of one remotedialer session.
 
-A :class:`Session` owns a nursery with one reader (this task), one writer, a
-keepalive task (pings on the client side, the dead-peer watchdog on both) and,
-on the dialer side, one task per multiplexed stream. All protocol decisions
+A :class:`Session` owns a nursery with one reader (this task, which also
+holds the dead-peer deadline), one writer, on the client side a keepalive
+task (pings and SyncConnections) and, on the dialer side, one task per
+multiplexed stream. Idle sessions are what a fleet server holds by the
+thousand, so per-session objects are few and created lazily. All protocol decisions
 are made by :class:`~revdial._state.SessionState`; this module only moves
 bytes and wakes tasks.
 
@@ -39,6 +41,7 @@ from typing import Any
 
 import trio
 import trio_websocket
+import wsproto
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage
 
@@ -77,6 +80,7 @@ __all__ = [
     "SessionCounters",
     "SessionStatistics",
     "negotiate_extensions",
+    "release_handshake_state",
     "tune_transport",
 ]
 
@@ -274,6 +278,88 @@ class _BatchSender:
                 raise ConnectionClosed(ws._close_reason) from None
 
 
+class _Unallocated(deque[Any]):
+    """The stand-in for an outbox queue a session has not needed yet.
+
+    An empty deque costs ~760 bytes (its first block of 64 slots); a session
+    has three, and most sessions of a fleet server never queue a frame. One
+    shared instance of this always-empty deque stands in until the first
+    append, which must replace it (appending to it raises: a bug).
+    """
+
+    __slots__ = ()
+
+    def append(self, item: Any) -> None:
+        raise AssertionError("append to the unallocated stand-in queue")
+
+    def extend(self, items: Any) -> None:
+        raise AssertionError("extend of the unallocated stand-in queue")
+
+    def appendleft(self, item: Any) -> None:
+        raise AssertionError("appendleft to the unallocated stand-in queue")
+
+
+_NO_QUEUE: deque[Any] = _Unallocated()
+
+
+#: trio-websocket and wsproto releases whose handshake objects
+#: :func:`release_handshake_state` knows.
+HANDSHAKE_TESTED_VERSIONS = {"trio-websocket": ("0.12.",), "wsproto": ("1.2.", "1.3.")}
+
+
+class _OpenedHandshake:
+    """What stays of wsproto's ``H11Handshake`` once the connection is open.
+
+    ``wsproto.WSConnection`` consults its handshake after the 101 only in
+    ``events()`` (``yield from self.handshake.events()``, always empty by
+    then); ``send``, ``receive_data`` and ``state`` go to the connection.
+    """
+
+    __slots__ = ()
+
+    def events(self) -> tuple[()]:
+        return ()
+
+
+_OPENED_HANDSHAKE = _OpenedHandshake()
+
+
+def release_handshake_state(ws: object) -> bool:
+    """Let the opening handshake's objects go once the WebSocket is open.
+
+    wsproto keeps its ``H11Handshake`` (an ``h11.Connection``, the parsed
+    request, an event deque: ~2-3 KiB) for the whole life of the connection,
+    and trio-websocket 0.12 the client's ``Request``; neither is used again
+    after the 101. On a fleet server of idle sessions that is a tenth of each
+    session. This swaps the handshake for :class:`_OpenedHandshake` and drops
+    the client's request -- private attributes (``WebSocketConnection._wsproto``,
+    ``._initial_request``, ``H11Handshake._events``), so only for the
+    releases in :data:`HANDSHAKE_TESTED_VERSIONS`, and only when the
+    connection is open with no handshake event pending. Returns whether it
+    did; ``tests/test_handshake_release.py`` fails loudly on other releases.
+    Synchronous: call it in the task that completed the handshake.
+    """
+    if not isinstance(ws, WebSocketConnection):
+        return False  # a wrapper (tests) or another implementation
+    if not (
+        getattr(trio_websocket, "__version__", "").startswith(
+            HANDSHAKE_TESTED_VERSIONS["trio-websocket"]
+        )
+        and getattr(wsproto, "__version__", "").startswith(HANDSHAKE_TESTED_VERSIONS["wsproto"])
+    ):
+        return False
+    connection = getattr(ws, "_wsproto", None)
+    if not isinstance(connection, wsproto.WSConnection) or connection.connection is None:
+        return False
+    handshake: object = connection.handshake
+    if handshake is not _OPENED_HANDSHAKE and getattr(handshake, "_events", True):
+        return False  # an event still to be read (never seen), or unknown internals
+    connection.handshake = _OPENED_HANDSHAKE  # type: ignore[assignment]
+    if hasattr(ws, "_initial_request"):
+        ws._initial_request = None
+    return True
+
+
 @dataclass(frozen=True, slots=True)
 class SessionStatistics:
     streams: int
@@ -331,8 +417,10 @@ class Session:
         )
         self._on_connect = on_connect
         self._streams: dict[int, TunnelStream] = {}
-        self._urgent: deque[bytes] = deque()
-        self._fifo: deque[bytes | tuple[bytes, int, TunnelStream]] = deque()
+        # The three outbox queues start as the shared empty _NO_QUEUE and get a
+        # deque of their own on first use (see _Unallocated).
+        self._urgent: deque[bytes] = _NO_QUEUE
+        self._fifo: deque[bytes | tuple[bytes, int, TunnelStream]] = _NO_QUEUE
         self._fifo_data_bytes = 0
         self._small_bytes = 0  # Data bytes in the small-frame lane (own bound)
         self._fifo_control = 0  # Connect/Error frames queued in _fifo
@@ -341,9 +429,15 @@ class Session:
         self._fifo_in = 0
         self._fifo_out = 0
         #: Small Data frames of streams with nothing else queued (see _queue_data).
-        self._small: deque[tuple[bytes, int, TunnelStream]] = deque()
+        self._small: deque[tuple[bytes, int, TunnelStream]] = _NO_QUEUE
         self._small_run = 0  # small-lane bytes sent since the last bulk item
         self._writer_lot = trio.lowlevel.ParkingLot()
+        # The writer task runs only while there is something to write: it is
+        # started by the first frame queued and retired by the reader once it
+        # has been idle (see _start_writer, _retire_idle_writer).
+        self._writer_running = False
+        self._writer_idle = False
+        self._writer_retire = False
         self._space_lot = trio.lowlevel.ParkingLot()
         self._nursery: trio.Nursery | None = None
         self._ended = False
@@ -450,11 +544,10 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._watchdog)
+                if self._urgent or self._fifo or self._small:
+                    self._start_writer()
                 if self.role is Role.CLIENT:
-                    nursery.start_soon(self._pinger)
-                    nursery.start_soon(self._syncer)
+                    nursery.start_soon(self._keepalive)
                 task_status.started()
                 try:
                     await self._reader()
@@ -489,6 +582,8 @@ class Session:
             if item[2] is stream:
                 self._small.remove(item)
                 self._small_bytes -= item[1]
+                if self._fifo is _NO_QUEUE:
+                    self._fifo = deque()
                 self._fifo.append(item)
                 self._fifo_in += 1
                 self._fifo_data_bytes += item[1]  # may exceed the bound by this frame
@@ -544,30 +639,44 @@ class Session:
             # Until the writer takes it the stream queues nothing else (see
             # TunnelStream.send_all and _demote_small), so the lanes can never
             # reorder one stream's frames.
+            if self._small is _NO_QUEUE:
+                self._small = deque()
             self._small.append((frame, n, stream))
             self._small_bytes += n
             stream._small_pending = True
         else:
+            if self._fifo is _NO_QUEUE:
+                self._fifo = deque()
             self._fifo.append((frame, n, stream))
             self._fifo_in += 1
             self._fifo_data_bytes += n
         stream._queued += n
-        self._writer_lot.unpark()
+        if self._writer_running:
+            self._writer_lot.unpark()
+        else:
+            self._start_writer()
 
     def _flush_state(self) -> None:
         state = self.state
         urgent = state.take_urgent()
         if urgent:
+            if self._urgent is _NO_QUEUE:
+                self._urgent = deque()
             self._urgent.extend(urgent)
         ordered = state.take_ordered()
         if ordered:
+            if self._fifo is _NO_QUEUE:
+                self._fifo = deque()
             self._fifo.extend(ordered)
             self._fifo_control += len(ordered)
             self._fifo_in += len(ordered)
         if len(self._urgent) + self._fifo_control > self.limits.max_control_frames:
             # The peer provokes replies but does not read them.
             self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
-        self._writer_lot.unpark()
+        if self._writer_running:
+            self._writer_lot.unpark()
+        else:
+            self._start_writer()
 
     def _abort(self, reason: RevdialError) -> None:
         """End the session from any task: record why, cancel its nursery."""
@@ -580,23 +689,38 @@ class Session:
     # --- internals: tasks -------------------------------------------------
 
     async def _reader(self) -> None:
+        """Wait for the WebSocket's end (messages are mostly handled inline)
+        and watch for a silent peer: the keepalive deadline is this task's,
+        so a session needs no watchdog task of its own."""
         ws = self.ws
         inline = _InlineDelivery.install(ws, self._deliver)
+        timeout = self.limits.ping_timeout
+        transport = self._transport
         try:
             while True:
-                try:
-                    message = await ws.get_message()
-                except ConnectionClosed as exc:
-                    reason = exc.reason
-                    self.end_reason = SessionLostError(
-                        f"WebSocket closed ({reason.code} {reason.name})"
-                        if reason is not None
-                        else "WebSocket closed"
+                # One cancel scope per ping_timeout of quiet, not per message.
+                deadline = transport.last_receive + timeout
+                if trio.current_time() >= deadline:
+                    self._abort(
+                        SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)")
                     )
                     return
-                if inline is not None and inline.failed is not None:
-                    raise inline.failed  # the next message after the failure is its marker
-                self._deliver(message)
+                self._retire_idle_writer()
+                with trio.CancelScope(deadline=deadline):
+                    while True:
+                        try:
+                            message = await ws.get_message()
+                        except ConnectionClosed as exc:
+                            reason = exc.reason
+                            self.end_reason = SessionLostError(
+                                f"WebSocket closed ({reason.code} {reason.name})"
+                                if reason is not None
+                                else "WebSocket closed"
+                            )
+                            return
+                        if inline is not None and inline.failed is not None:
+                            raise inline.failed  # the next message after the failure is its marker
+                        self._deliver(message)
         except ProtocolError as exc:
             self._abort(exc)
 
@@ -793,7 +917,28 @@ class Session:
             return item  # type: ignore[return-value]
         return None
 
+    def _start_writer(self) -> None:
+        """Start the writer task for newly queued frames (no-op before run()
+        or after the end: run() starts it if frames are already queued)."""
+        if self._writer_running or self._nursery is None or self._ended:
+            return
+        self._writer_running = True
+        self._writer_retire = False
+        self._nursery.start_soon(self._writer)
+
+    def _retire_idle_writer(self) -> None:
+        """Let a writer that is parked with nothing to write end (the reader
+        calls this at its keepalive deadline): an idle session holds no
+        writer task. The next queued frame starts a new one."""
+        if self._writer_running and self._writer_idle:
+            self._writer_retire = True
+            self._writer_lot.unpark()
+
     async def _writer(self) -> None:
+        """Write queued frames until the outbox is empty and the reader asked
+        it to retire, or the WebSocket is closed. Cancelled with the session;
+        a frame is only ever written whole (one ``send_message`` or one
+        batched ``send_all``)."""
         send = self.ws.send_message
         batch_sender = _BatchSender.install(self.ws)
         # Frames gathered into one write: at most this many bytes, so a batch
@@ -805,7 +950,14 @@ class Session:
             while True:
                 frame = self._next_frame()
                 if frame is None:
-                    await self._writer_lot.park()
+                    if self._writer_retire:
+                        self._writer_running = self._writer_retire = False
+                        return
+                    self._writer_idle = True
+                    try:
+                        await self._writer_lot.park()
+                    finally:
+                        self._writer_idle = False
                     continue
                 if batch_sender is None or len(frame) > small_frame:
                     await send(frame)
@@ -822,7 +974,8 @@ class Session:
                 else:
                     await batch_sender.send(batch)
         except ConnectionClosed:
-            # The reader sees the same closure and ends the session.
+            # The reader sees the same closure and ends the session; no new
+            # writer is started (_writer_running stays set).
             self._space_lot.unpark_all()
 
     def _writer_has_small_next(self, limit: int) -> bool:
@@ -837,31 +990,33 @@ class Session:
             return len(item[0] if type(item) is tuple else item) <= limit
         return False
 
-    async def _pinger(self) -> None:
+    async def _keepalive(self) -> None:
+        """Client side: ping every ``ping_interval`` and queue SyncConnections
+        every ``sync_interval``, in one task (a task costs ~1.5 KiB per
+        session). Each ping waits for its pong until the next ping is due;
+        the pong itself only matters as received bytes (see :meth:`_reader`).
+        Returns when the WebSocket is closed; cancelled with the session."""
         limits = self.limits
+        ws = self.ws
+        now = trio.current_time()
+        next_ping = now
+        next_sync = now + limits.sync_interval
         for n in itertools.count():
-            with trio.move_on_after(limits.ping_interval):
+            now = trio.current_time()
+            if now >= next_sync:
+                next_sync += limits.sync_interval
+                self.state.queue_sync()
+                self._flush_state()
+            if now < next_ping:
+                await trio.sleep_until(min(next_ping, next_sync))
+                continue
+            next_ping += limits.ping_interval
+            with trio.move_on_at(min(next_ping, next_sync)):
                 try:
-                    await self.ws.ping(n.to_bytes(8, "big"))
+                    await ws.ping(n.to_bytes(8, "big"))
                 except ConnectionClosed:
                     return
                 await trio.sleep_forever()  # keep the interval even if the pong is early
-
-    async def _watchdog(self) -> None:
-        timeout = self.limits.ping_timeout
-        transport = self._transport
-        while True:
-            deadline = transport.last_receive + timeout
-            if trio.current_time() >= deadline:
-                break
-            await trio.sleep_until(deadline)
-        self._abort(SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)"))
-
-    async def _syncer(self) -> None:
-        while True:
-            await trio.sleep(self.limits.sync_interval)
-            self.state.queue_sync()
-            self._flush_state()
 
     def _teardown(self) -> None:
         if self._ended:
@@ -874,9 +1029,7 @@ class Session:
         self._streams.clear()
         for stream in streams:
             stream._fail(SessionLostError(f"session lost: {text}"), drop_buffer=False)
-        self._urgent.clear()
-        self._fifo.clear()
-        self._small.clear()
+        self._urgent = self._fifo = self._small = _NO_QUEUE
         self._fifo_data_bytes = 0
         self._small_bytes = 0
         self._fifo_control = 0

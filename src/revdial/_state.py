@@ -66,7 +66,6 @@ are a per-session counter from 1 (MAY 1).
 from __future__ import annotations
 
 import enum
-from collections import deque
 from dataclasses import dataclass, field
 
 from ._errors import ProtocolError
@@ -240,8 +239,11 @@ class SessionState:
     #: Frames that may overtake queued Data (Pause, Resume, Sync, replies to
     #: unknown ids) and frames that must keep their place after a stream's
     #: Data (Connect before it, the closing Error after it).
-    _urgent: deque[bytes] = field(default_factory=deque)
-    _ordered: deque[bytes] = field(default_factory=deque)
+    #: Lists, not deques: they are only appended to and taken whole, and an
+    #: empty list costs 56 bytes where an empty deque costs ~760 (a fleet
+    #: server holds thousands of idle sessions).
+    _urgent: list[bytes] = field(default_factory=list)
+    _ordered: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Go server sessions pre-increment from 1 (first id 2); see PROTOCOL 3.1.
@@ -267,14 +269,14 @@ class SessionState:
 
     def take_urgent(self) -> list[bytes]:
         """Frames that may be sent before any queued Data; the queue is emptied."""
-        frames = list(self._urgent)
-        self._urgent.clear()
+        frames = self._urgent
+        self._urgent = []
         return frames
 
     def take_ordered(self) -> list[bytes]:
         """Connect/Error frames, to be queued behind Data already queued."""
-        frames = list(self._ordered)
-        self._ordered.clear()
+        frames = self._ordered
+        self._ordered = []
         return frames
 
     @property
