@@ -859,14 +859,15 @@ class Session:
                     self._small_bytes -= small[1]
                     break
             stream._small_pending = False
-        kept: deque[bytes | tuple[bytes, int, TunnelStream]] = deque()
-        for item in self._fifo:
-            if type(item) is tuple and item[2] is stream:
-                self._fifo_data_bytes -= item[1]
-                self._fifo_out += 1  # as if the writer took it: later holds stay valid
-                continue
-            kept.append(item)
-        self._fifo = kept
+        if stream._queued and self._fifo is not _NO_QUEUE:
+            kept: deque[bytes | tuple[bytes, int, TunnelStream]] = deque()
+            for item in self._fifo:
+                if type(item) is tuple and item[2] is stream:
+                    self._fifo_data_bytes -= item[1]
+                    self._fifo_out += 1  # as if the writer took it: later holds stay valid
+                    continue
+                kept.append(item)
+            self._fifo = kept
         stream._queued = 0
         self._space_lot.unpark_all()
 
