@@ -170,6 +170,36 @@ async def test_server_detects_silent_client(autojump_clock: trio.abc.Clock) -> N
         assert "silent" in str(p.server.end_reason)
 
 
+async def test_unanswered_ping_ends_the_session_even_while_data_flows(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A server that sends data but never answers pings: one ping stays in
+    flight (none pile up in trio-websocket's ping table) and after
+    ``ping_timeout`` without its pong the session ends."""
+    async with open_raw_server() as (client, peer, accepted):
+        await peer.send(connect_frame(2, "tcp/x:1"))
+        with trio.fail_after(1):
+            ours = await accepted.receive()
+        t0 = trio.current_time()  # the client's first ping (now) is answered
+        await trio.testing.wait_all_tasks_blocked()
+        peer.side.valve.silence()  # then the raw server stops reading: no pong, ever
+        sent = 0
+        while client.end_reason is None:
+            if sent % 5 == 0:
+                await peer.send(data_frame(2, b"tick"))  # data arrives every 5 s
+            sent += 1
+            assert len(client.ws._pings) <= 1  # one ping in flight at most
+            await trio.sleep(1)  # virtual time
+            await trio.testing.wait_all_tasks_blocked()  # what is due now has run
+        # The second ping (at t0 + ping_interval) was never answered.
+        assert trio.current_time() == t0 + PING_INTERVAL + PING_TIMEOUT
+        assert "no pong within" in str(client.end_reason)
+        # (The stream belongs to its Connect handler, which the session's end
+        # cancels and closes: a reader outside it sees either.)
+        with pytest.raises((revdial.SessionLostError, trio.ClosedResourceError)):
+            await drain(ours)
+
+
 async def test_client_detects_silent_server(autojump_clock: trio.abc.Clock) -> None:
     async with open_pair() as p:
         t0 = p.started_at
@@ -190,9 +220,9 @@ async def test_client_detects_silent_server(autojump_clock: trio.abc.Clock) -> N
         ):
             await agent_side.receive_some()
         assert trio.current_time() == t_last + PING_TIMEOUT
-        # The client kept pinging into the silence until then.
+        # One ping into the silence: the next waits for its pong (never came).
         pings = [t - t0 for t in p.client_ws.pings if t_last < t < t_last + PING_TIMEOUT]
-        assert pings == [15.0, 20.0, 25.0, 30.0, 35.0]
+        assert pings == [15.0]
         assert not p.client.is_open
         assert p.client.statistics() == ZERO
         with trio.fail_after(CLOSE_TIMEOUT + 1):

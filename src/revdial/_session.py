@@ -994,9 +994,15 @@ class Session:
     async def _keepalive(self) -> None:
         """Client side: ping every ``ping_interval`` and queue SyncConnections
         every ``sync_interval``, in one task (a task costs ~1.5 KiB per
-        session). Each ping waits for its pong until the next ping is due;
-        the pong itself only matters as received bytes (see :meth:`_reader`).
-        Returns when the WebSocket is closed; cancelled with the session."""
+        session).
+
+        One ping at a time: the next is sent once the last was answered and
+        ``ping_interval`` has passed since it was sent. A peer that leaves a
+        ping unanswered for ``ping_timeout`` ends the session, even while it
+        sends data -- so pings a peer never answers cannot pile up (each
+        would stay in trio-websocket's ping table for the life of the
+        session), and a peer that no longer answers is noticed. Returns when
+        the WebSocket is closed; cancelled with the session."""
         limits = self.limits
         ws = self.ws
         now = trio.current_time()
@@ -1011,13 +1017,16 @@ class Session:
             if now < next_ping:
                 await trio.sleep_until(min(next_ping, next_sync))
                 continue
-            next_ping += limits.ping_interval
-            with trio.move_on_at(min(next_ping, next_sync)):
+            next_ping = now + limits.ping_interval
+            with trio.move_on_after(limits.ping_timeout) as waiting:
                 try:
                     await ws.ping(n.to_bytes(8, "big"))
                 except ConnectionClosed:
                     return
-                await trio.sleep_forever()  # keep the interval even if the pong is early
+            if waiting.cancelled_caught:
+                self._abort(SessionLostError(
+                    f"no pong within {limits.ping_timeout:.0f} s (keepalive timeout)"))
+                return
 
     def _teardown(self) -> None:
         if self._ended:
