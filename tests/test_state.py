@@ -657,31 +657,78 @@ def test_overrun_resets_only_that_stream() -> None:
     check_accounting(state)
 
 
-def test_session_high_water_pauses_streams() -> None:
-    state, ids = server_with(n=9)
-    for cid in ids[:8]:
-        data(state, cid, 8)  # 64 bytes in all: at session high water
+def test_session_high_water_pauses_the_big_holders_only() -> None:
+    limits = Limits(stream_low_water=4, stream_high_water=16, stream_max_buffer=64,
+                    session_high_water=64, session_max_buffer=128)
+    state, ids = server_with(limits, n=9)
+    for cid in ids[:7]:
+        data(state, cid, 9)  # 63 bytes in all, each stream below its own high water
     assert drain(state) == []
-    data(state, ids[8], 1)  # 65 > 64: the stream that received it is paused
-    assert kinds(drain(state)) == [(MessageType.PAUSE, ids[8])]
-    assert state.conns[ids[8]].buffered == 1  # although it is far below its own high water
-    data(state, ids[0], 1)
+    data(state, ids[8], 2)  # 65 > 64, but this stream holds little: it keeps flowing
+    assert drain(state) == []
+    data(state, ids[0], 1)  # 10 > 8 (twice the low water) under pressure: paused
     assert kinds(drain(state)) == [(MessageType.PAUSE, ids[0])]
-    # draining it resumes it even though the session is still above high water
-    state.consumed(ids[8], 1)
-    assert kinds(drain(state)) == [(MessageType.RESUME, ids[8])]
-
-
-def test_session_max_buffer_resets_the_stream_crossing_it() -> None:
-    state, ids = server_with(n=5)
-    for cid in ids[:4]:
-        data(state, cid, 32)  # 128: at the session cap
-    drain(state)
-    assert data(state, ids[4], 1) == Overrun(ids[4])
-    assert kinds(drain(state)) == [(MessageType.ERROR, ids[4])]
-    assert state.buffered_total == 128
-    assert set(state.conns) == set(ids[:4])
+    state.consumed(ids[0], 6)  # down to the low water: resumed
+    assert kinds(drain(state)) == [(MessageType.RESUME, ids[0])]
+    data(state, ids[0], 1)  # 5: no new Pause right away (no Pause/Resume per frame)
+    assert drain(state) == []
     check_accounting(state)
+
+
+def test_a_trickle_keeps_flowing_beside_paused_bulk_streams() -> None:
+    """Two bulk streams nobody reads and a trickle whose reader keeps up, under a
+    small session cap: the trickle is never paused, and the Pause frames sent
+    follow the data (one per bulk stream), not the number of frames."""
+    limits = Limits(stream_low_water=16, stream_high_water=64, stream_max_buffer=1024,
+                    session_high_water=96, session_max_buffer=4096)
+    state, (bulk_a, bulk_b, trickle) = server_with(limits, n=3)
+    frames: list[Frame] = []
+    for i in range(2000):
+        bulk = bulk_a if i % 2 == 0 else bulk_b
+        if not state.conns[bulk].pause_sent:  # a peer that honours Pause
+            data(state, bulk, 8)
+        assert data(state, trickle, 1) == DataReceived(trickle, b"d")
+        state.consumed(trickle, 1)
+        frames += drain(state)
+    assert state.buffered_total > limits.session_high_water  # under pressure throughout
+    assert sorted(kinds(frames)) == [(MessageType.PAUSE, bulk_a), (MessageType.PAUSE, bulk_b)]
+    assert not state.conns[trickle].pause_sent
+    check_accounting(state)
+
+
+def test_halfway_to_the_cap_every_stream_receiving_data_is_paused() -> None:
+    """Many medium streams, none big: past (high water + cap) / 2 every stream
+    that receives Data is paused, before the cap has to reset any."""
+    limits = Limits(stream_low_water=4, stream_high_water=16, stream_max_buffer=64,
+                    session_high_water=64, session_max_buffer=128)
+    state, ids = server_with(limits, n=13)
+    for cid in ids[:12]:
+        data(state, cid, 8)  # 96 in all; each at twice the low water, not above
+    assert drain(state) == []
+    data(state, ids[12], 1)  # 97 > (64 + 128) / 2: paused although it holds 1 byte
+    assert kinds(drain(state)) == [(MessageType.PAUSE, ids[12])]
+    check_accounting(state)
+
+
+def test_session_max_buffer_resets_the_largest_holder() -> None:
+    limits = Limits(stream_low_water=4, stream_high_water=8, stream_max_buffer=64,
+                    session_high_water=64, session_max_buffer=128)
+    state, ids = server_with(limits, n=5)
+    for cid, n in zip(ids[:4], (50, 30, 28, 20), strict=True):
+        data(state, cid, n)  # 128: at the session cap (a peer ignoring Pause)
+    drain(state)
+    # A small stream's frame crosses the cap: the largest holder is reset, and
+    # the frame is delivered.
+    assert data(state, ids[4], 1) == DataReceived(ids[4], b"d")
+    assert state.take_overruns() == [ids[0]]
+    assert state.take_overruns() == []
+    assert (MessageType.ERROR, ids[0]) in kinds(drain(state))
+    assert state.buffered_total == 128 - 50 + 1
+    assert set(state.conns) == set(ids[1:])
+    check_accounting(state)
+    # The largest holder crossing it itself is reset as before.
+    assert data(state, ids[1], 60) == Overrun(ids[1])
+    assert state.take_overruns() == []
 
 
 def test_ids_never_reused() -> None:
@@ -1115,15 +1162,38 @@ class SessionMachine(RuleBasedStateMachine):
             return
         total = sum(self.live.values()) + size
         mine = self.live[cid] + size
-        if mine > SMALL.stream_max_buffer or total > SMALL.session_max_buffer:
+        holdings = {**self.live, cid: mine}
+        if mine > SMALL.stream_max_buffer or (
+            total > SMALL.session_max_buffer and event == Overrun(cid)
+        ):
+            # Its own cap, or the session cap with this stream the largest holder.
             assert event == Overrun(cid)
+            assert mine > SMALL.stream_max_buffer or mine == max(holdings.values())
             assert kinds(frames) == [(MessageType.ERROR, cid)]
             assert error_text(frames[0]) == OVERRUN_TEXT
+            assert self.state.take_overruns() == []
             self.remove(cid)
             return
+        if total > SMALL.session_max_buffer:
+            # The session cap resets the largest holder, not this frame's stream.
+            (victim,) = self.state.take_overruns()
+            assert victim != cid
+            assert holdings[victim] == max(holdings.values())
+            errors = [f for f in frames if f.type == MessageType.ERROR]
+            assert kinds(errors) == [(MessageType.ERROR, victim)]
+            assert error_text(errors[0]) == OVERRUN_TEXT
+            frames = [f for f in frames if f.type != MessageType.ERROR]
+            self.remove(victim)
+        else:
+            assert self.state.take_overruns() == []
         assert event == DataReceived(cid, b"x" * size)
         self.live[cid] = mine
-        pause = mine > SMALL.stream_high_water or total > SMALL.session_high_water
+        share = min(2 * SMALL.stream_low_water, SMALL.stream_high_water)
+        pause = (
+            mine > SMALL.stream_high_water
+            or (total > SMALL.session_high_water and mine > share)
+            or 2 * total > SMALL.session_high_water + SMALL.session_max_buffer
+        )
         if pause and kinds(frames) == [(MessageType.PAUSE, cid)]:
             return  # the first crossing: emitted() recorded it as outstanding
         assert frames == []

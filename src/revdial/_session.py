@@ -740,6 +740,9 @@ class Session:
                     stream._feed(event.data)
             else:
                 self._dispatch(event)
+            if state._overruns:  # the session cap reset the largest holder too
+                for conn_id in state.take_overruns():
+                    self._dispatch(Overrun(conn_id))
         if state.has_pending:
             self._flush_state()
 

@@ -30,12 +30,20 @@ as a Go peer does (PROTOCOL.md 3.4, 3.5). Ids we open are never reused.
 
 Flow control (receive side): every Data payload is counted against its stream
 until the application consumes it (:meth:`consumed`). Above
-``stream_high_water`` -- or while the whole session holds more than
-``session_high_water`` -- the stream gets one Pause; once its reader drains it
-below ``stream_low_water`` it gets one Resume. A peer that keeps sending past
-``stream_max_buffer`` (or pushes the session past ``session_max_buffer``)
-has ignored Pause: that stream alone is reset (:class:`Overrun`). The reader
-never waits on a stream, so one slow reader cannot stall the others.
+``stream_high_water`` -- or, while the whole session holds more than
+``session_high_water``, above twice ``stream_low_water`` -- the stream gets
+one Pause; once its reader drains it below ``stream_low_water`` it gets one
+Resume. So under session pressure the big holders are paused while a stream
+whose reader keeps up keeps flowing, and no stream is paused and resumed
+frame after frame. Only halfway from ``session_high_water`` to
+``session_max_buffer`` (many medium streams, none big) is every stream that
+receives Data paused, as a last resort before resets. A peer that keeps
+sending past ``stream_max_buffer`` has ignored Pause: that stream alone is
+reset (:class:`Overrun`); past
+``session_max_buffer`` the stream holding the most unread bytes is reset
+(the frame's own stream, or another one reported by :meth:`take_overruns`).
+The reader never waits on a stream, so one slow reader cannot stall the
+others.
 
 Flow control (send side): a received Pause sets ``peer_paused`` and a Resume
 clears it (Go's flag semantics, PROTOCOL.md 3.6); the driver's writers wait
@@ -131,6 +139,10 @@ class Conn:
     eof_sent: bool = False
     eof_received: bool = False
     confirmed: bool = False
+
+
+def _buffered(conn: Conn) -> int:
+    return conn.buffered
 
 
 # --- events: what a received frame means to the driver ---------------------
@@ -244,6 +256,9 @@ class SessionState:
     #: server holds thousands of idle sessions).
     _urgent: list[bytes] = field(default_factory=list)
     _ordered: list[bytes] = field(default_factory=list)
+    #: Other streams reset by the session cap while handling a frame (see
+    #: :meth:`take_overruns`): the largest holder goes, not the frame's stream.
+    _overruns: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Go server sessions pre-increment from 1 (first id 2); see PROTOCOL 3.1.
@@ -278,6 +293,13 @@ class SessionState:
         frames = self._ordered
         self._ordered = []
         return frames
+
+    def take_overruns(self) -> list[int]:
+        """Ids reset by the session cap for holding the most unread bytes, to be
+        failed by the driver as for :class:`Overrun` (their Error is queued)."""
+        ids = self._overruns
+        self._overruns = []
+        return ids
 
     @property
     def has_pending(self) -> bool:
@@ -439,16 +461,41 @@ class SessionState:
         total = self.buffered_total + n
         self.buffered_total = total
         lim = self.limits
-        if conn.buffered > lim.stream_max_buffer or total > lim.session_max_buffer:
+        if conn.buffered > lim.stream_max_buffer:
             self.close(frame.conn_id, OVERRUN_TEXT)
             return Overrun(frame.conn_id)
+        if total > lim.session_max_buffer:
+            # The session cap: reset whoever holds the most unread bytes (the
+            # stream that ignores Pause), not a small stream whose frame
+            # happened to cross the line.
+            largest = max(self.conns.values(), key=_buffered)
+            self.close(largest.conn_id, OVERRUN_TEXT)
+            if largest is conn:
+                return Overrun(frame.conn_id)
+            self._overruns.append(largest.conn_id)
         if not conn.pause_sent and (
-            conn.buffered > lim.stream_high_water or total > lim.session_high_water
+            conn.buffered > lim.stream_high_water
+            or (total > lim.session_high_water and conn.buffered > self._pressure_share())
+            # Halfway to the hard cap (many medium streams): pause every stream
+            # that receives Data, as a last resort before resets.
+            or 2 * total > lim.session_high_water + lim.session_max_buffer
         ):
             conn.pause_sent = True
             self.pauses_sent += 1
             self._queue(frame.conn_id, MessageType.PAUSE, urgent=True)
         return DataReceived(frame.conn_id, frame.payload)
+
+    def _pressure_share(self) -> int:
+        """Under session pressure, the unread bytes above which a stream is paused.
+
+        Twice the low-water mark (capped at the high-water mark): a stream with
+        little unread data -- a trickle whose reader keeps up -- keeps flowing
+        while the big holders are paused, and a paused stream resumed at the
+        low-water mark must take in that much again before the next Pause (no
+        Pause/Resume per frame).
+        """
+        lim = self.limits
+        return min(2 * lim.stream_low_water, lim.stream_high_water)
 
     def _on_connect(self, frame: Frame, now: float) -> Event | None:
         proto, address = parse_connect(frame.payload)
