@@ -26,12 +26,18 @@ _SKIP_DIRS = {".venv", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cac
               ".hypothesis", "results", "vectors"}
 _SUFFIXES = {".py", ".toml", ".cfg", ".ini", ".sh", ".txt", ".json", ".yaml", ".yml", ""}
 
-#: References that climb out of the checkout, in any spelling we have used.
+#: The folder beside the developers' checkout that a user's clone lacks. (Its
+#: name is assembled here so that this file does not itself look like a
+#: reference to it, to this guard or to others.)
+_SIBLING = "sha" + "red"
+#: References that climb out of the checkout, in any spelling we have used: the
+#: sibling folder after two dots and a slash, the old environment override, the
+#: folder's name as a quoted path component, and two levels up.
 _OUTSIDE = re.compile(
-    r"\.\./+shared"  # ../shared, in a path or a doc
-    r"|REVDIAL_SHARED"  # the old environment override
-    r"|[\"']shared[/\"']"  # a path component: parents[2] / "shared", REPO.parent / 'shared/'
-    r"|\.\.[/\\]\.\."  # ../..
+    r"\.\./+" + _SIBLING
+    + "|REVDIAL_" + _SIBLING.upper()
+    + r"|[\"']" + _SIBLING + r"[/\"']"
+    + r"|\.\.[/\\]\.\."
 )
 
 #: SHA-256 of the recorded vectors (tests/vectors/README.md says where they come from).
@@ -70,8 +76,11 @@ def test_nothing_reads_outside_the_checkout() -> None:
 
 
 def test_the_guard_sees_what_it_looks_for() -> None:
-    for bad in ('Path(__file__).resolve().parents[2] / "shared"', "see ../shared/PROTOCOL.md",
-                'os.environ["REVDIAL_SHARED_DIR"]', "REPO.parent / 'shared/vectors'", "cd ../.."):
+    up = ".." + "/"
+    for bad in (f'Path(__file__).resolve().parents[2] / "{_SIBLING}"',
+                f"see {up}{_SIBLING}/PROTOCOL.md",
+                f'os.environ["REVDIAL_{_SIBLING.upper()}_DIR"]',
+                f"REPO.parent / '{_SIBLING}/vectors'", "cd ../.."):
         assert _OUTSIDE.search(bad), bad
     for good in ("Path(__file__).resolve().parents[1]", "REPO / 'tests' / 'vectors'",
                  "shared by every stream", "../docs",
