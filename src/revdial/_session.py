@@ -515,7 +515,7 @@ class Session:
         if self.extensions < 1 or not wait:
             await trio.lowlevel.checkpoint()
             if connect_timeout > 0:
-                stream._arm_first_byte_timeout(trio.current_time() + connect_timeout)
+                stream._arm_first_byte_timeout(connect_timeout)
             return stream
         try:
             with trio.move_on_after(connect_timeout or math.inf) as scope:
@@ -524,7 +524,7 @@ class Session:
             stream.close_nowait()
             raise
         if scope.cancelled_caught:
-            raise stream.fail_dial_timeout()
+            raise stream.fail_dial_timeout(connect_timeout)
         return stream
 
     def dial_succeeded(self, stream: TunnelStream) -> None:

@@ -82,6 +82,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_confirmed",
         "_detached",
         "_dial_started",
+        "_dial_timeout",
         "_eof_sent",
         "_error",
         "_fifo_hold",
@@ -119,6 +120,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._dial_started: float | None = None
         #: base protocol: fail the first receive if nothing arrived by then
         self._first_byte_deadline = math.inf
+        self._dial_timeout = 0.0  # the connect timeout in force (for the error text)
         self._error: BaseException | None = None  # raised once the buffer is drained
         self._queued = 0  # our Data bytes waiting in the session's outbox
         #: Our Connect / CONNECT_OK is queued until the session's writer has
@@ -336,16 +338,18 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         finally:
             self._sending = False
 
-    def _arm_first_byte_timeout(self, deadline: float) -> None:
-        """Fail the first receive if nothing (no byte, no confirmation) arrived by then."""
-        self._first_byte_deadline = deadline
+    def _arm_first_byte_timeout(self, timeout: float) -> None:
+        """Fail the first receive if nothing (no byte, no confirmation) arrives
+        within ``timeout`` seconds from now."""
+        self._dial_timeout = timeout
+        self._first_byte_deadline = trio.current_time() + timeout
 
     def _time_out_dial(self) -> None:
         """No answer from a peer that does not confirm dials: give up."""
         self._dial_done("timeout")
         self._error = DialTimeoutError(
             f"dial {self.target} via client {self._session.client_key!r}: no answer within "
-            f"{self._session.limits.connect_timeout:.0f} s",
+            f"{self._dial_timeout:g} s",
             reason="timeout",
             client_key=self._session.client_key,
             target=self.target,
@@ -366,8 +370,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("stream was closed")
             await self._lot.park()
 
-    def fail_dial_timeout(self) -> DialTimeoutError:
-        """Give up on the dial: close the stream and return the error to raise."""
+    def fail_dial_timeout(self, timeout: float) -> DialTimeoutError:
+        """Give up on the dial after ``timeout`` seconds: close the stream and
+        return the error to raise."""
+        self._dial_timeout = timeout
         self._time_out_dial()
         assert isinstance(self._error, DialTimeoutError)
         self.close_nowait()
