@@ -134,6 +134,15 @@ def _strip_blank_lines(data: bytes) -> bytes:
     return data
 
 
+def _one_cycle(rest: bytes) -> h11.Connection:
+    """A fresh server-side h11 connection holding ``rest`` and then EOF (one
+    request cycle, as the proxy parses each request with its own)."""
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(rest)
+    conn.receive_data(b"")
+    return conn
+
+
 def strict_requests(data: bytes) -> list[Seen]:
     """The complete requests a strict parser (h11 plus our framing rules) finds.
 
@@ -144,9 +153,7 @@ def strict_requests(data: bytes) -> list[Seen]:
     rest = data
     while True:
         rest = _strip_blank_lines(rest)
-        conn = h11.Connection(h11.SERVER)
-        conn.receive_data(rest)
-        conn.receive_data(b"")
+        conn = _one_cycle(rest)
         current: Seen | None = None
         while True:
             try:
@@ -192,9 +199,7 @@ def head_methods(data: bytes) -> list[bytes]:
     rest = data
     while True:
         rest = _strip_blank_lines(rest)
-        conn = h11.Connection(h11.SERVER)
-        conn.receive_data(rest)
-        conn.receive_data(b"")
+        conn = _one_cycle(rest)
         done = got_request = False
         while not done:
             try:

@@ -142,6 +142,16 @@ async def open_tcp_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
     return accepted, connected
 
 
+async def receive_until(stream: trio.abc.Stream, marker: bytes) -> bytes:
+    """Read until ``marker`` has arrived (AssertionError on EOF before it)."""
+    buf = b""
+    while marker not in buf:
+        data = await stream.receive_some()
+        assert data, f"EOF before {marker!r}: {buf!r}"
+        buf += data
+    return buf
+
+
 async def read_until_reset(stream: trio.abc.Stream) -> bytes:
     """Read until the connection fails; assert it was *reset*, never an EOF.
 

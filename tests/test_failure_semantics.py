@@ -23,21 +23,19 @@ import trio.testing
 import trustme
 
 import revdial
-from conftest import KiB, open_tcp_pair, read_until_reset, receive_exactly, serve_target
+from conftest import (
+    KiB,
+    open_tcp_pair,
+    read_until_reset,
+    receive_exactly,
+    receive_until,
+    serve_target,
+)
 from revdial._limits import DEFAULT_LIMITS
 from session_pairs import SMALL_LIMITS, data_frame, open_pair, open_raw_client
 
 PING_TIMEOUT = DEFAULT_LIMITS.ping_timeout
 READ = 64 * KiB
-
-
-async def receive_until(stream: trio.abc.Stream, marker: bytes) -> bytes:
-    buf = b""
-    while marker not in buf:
-        data = await stream.receive_some()
-        assert data, f"EOF before {marker!r}: {buf!r}"
-        buf += data
-    return buf
 
 
 # --- abort() -------------------------------------------------------------------

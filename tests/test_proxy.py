@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 import revdial
-from conftest import open_tcp_pair, read_until_reset, serve_target
+from conftest import open_tcp_pair, read_until_reset, receive_until, serve_target
 from revdial._proxy import (
     PROXY_ADDRESS,
     PROXY_TARGET,
@@ -162,15 +162,6 @@ def downstream(nursery: trio.Nursery, proxy: ReverseProxy, *, lockstep: bool = F
     client, server_side = pair()
     nursery.start_soon(proxy, server_side)
     return client
-
-
-async def receive_until(stream: trio.abc.Stream, marker: bytes) -> bytes:
-    buf = b""
-    while marker not in buf:
-        data = await stream.receive_some()
-        assert data, f"EOF before {marker!r}: {buf!r}"
-        buf += data
-    return buf
 
 
 async def read_all(stream: trio.abc.Stream) -> bytes:

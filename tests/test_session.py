@@ -55,6 +55,7 @@ from session_pairs import (
     KiB,
     MiB,
     Pair,
+    RawPeer,
     connect_frame,
     data_frame,
     error_frame,
@@ -538,16 +539,22 @@ async def test_sync_reaps_unlisted_streams_older_than_grace(
             await young.receive_some()
 
 
+async def accept_5_and_6(
+    peer: RawPeer, accepted: trio.MemoryReceiveChannel[TunnelStream]
+) -> tuple[TunnelStream, TunnelStream]:
+    """The raw server opens ids 5 and 6; return the agent-side streams."""
+    await peer.send(connect_frame(5, "tcp/a:1"))
+    await peer.send(connect_frame(6, "tcp/other:1"))
+    with trio.fail_after(1):
+        return await accepted.receive(), await accepted.receive()
+
+
 async def test_connect_reusing_a_live_id_resets_only_that_stream(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """One bad frame costs its own stream: the session, and the new stream, go on."""
     async with open_raw_server() as (client, peer, accepted):
-        await peer.send(connect_frame(5, "tcp/a:1"))
-        await peer.send(connect_frame(6, "tcp/other:1"))
-        with trio.fail_after(1):
-            old = await accepted.receive()
-            other = await accepted.receive()
+        old, other = await accept_5_and_6(peer, accepted)
         await peer.send(data_frame(5, b"for the old one"))
         assert await old.receive_some() == b"for the old one"
         await peer.send(data_frame(5, b"unread"))
@@ -604,11 +611,7 @@ async def test_replaced_stream_data_still_queued_is_dropped(
 ) -> None:
     """Data the old stream queued must not reach the connection that took its id."""
     async with open_raw_server() as (client, peer, accepted):
-        await peer.send(connect_frame(5, "tcp/a:1"))
-        await peer.send(connect_frame(6, "tcp/other:1"))
-        with trio.fail_after(1):
-            old = await accepted.receive()
-            other = await accepted.receive()
+        old, other = await accept_5_and_6(peer, accepted)
         await peer.round_trip()
         valve = peer.session_side.valve
         valve.clog()
