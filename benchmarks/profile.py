@@ -3,7 +3,10 @@
     python -m benchmarks.profile [--path revdial] [--workload bulk|dial]
                                  [--direction fwd|rev] [--seconds 5]
 
-``bulk``: one iperf3 stream; ``dial``: sequential connect -> 1-byte echo -> close.
+``bulk``: one iperf3 stream; ``dial``: sequential connect -> 1-byte echo -> close;
+``smallreq``: ``wrk -t1 -c50`` small keep-alive GETs against nginx (as
+``benchmarks.smallreq``; path ``revdial`` is the ``--forward`` path, ``frontdoor``
+the front door -> agent h11 proxy path).
 Writes py-spy's folded stacks to ``results/profile-<path>-<workload>-<dir>-<role>.txt``
 and prints, per process, the hottest functions by own time and by inclusive
 time, as a share of the non-idle samples (``epoll_wait`` in trio's run loop is
@@ -22,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from . import smallreq
 from ._tunnels import open_tunnel
 from ._util import (
     LOOPBACK,
@@ -78,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", default="revdial",
-                        choices=["revdial", "revdial-lib", "wspipe", "relay"])
-    parser.add_argument("--workload", default="bulk", choices=["bulk", "dial"])
+                        choices=["revdial", "revdial-lib", "wspipe", "relay", "frontdoor"])
+    parser.add_argument("--workload", default="bulk", choices=["bulk", "dial", "smallreq"])
     parser.add_argument("--direction", default="fwd", choices=["fwd", "rev"])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -93,21 +97,36 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
+        headers: list[str] = []
         if args.workload == "bulk":
             target = free_port()
             stack.enter_context(running(["iperf3", "-s", "-p", str(target), "-B", LOOPBACK]))
+        elif args.workload == "smallreq":
+            target = free_port()
+            stack.enter_context(smallreq.nginx(target))
         else:
             target = free_port()
             stack.enter_context(running(module_cmd("benchmarks.baselines", "echo", "--port",
                                                    str(target))))
         wait_listening(target)
-        tunnel = stack.enter_context(open_tunnel(args.path, [target]))
+        if args.path == "frontdoor":
+            if args.workload != "smallreq":
+                parser.error("--path frontdoor needs --workload smallreq")
+            tunnel, user = stack.enter_context(smallreq.front_door(target))
+            headers = [f"Authorization: Bearer {user}"]
+        else:
+            tunnel = stack.enter_context(open_tunnel(args.path, [target]))
         port = tunnel.ports[0]
 
         def workload() -> None:
             try:
                 if args.workload == "bulk":
                     iperf(port, args.seconds + 3, 1, args.direction == "rev")
+                elif args.workload == "smallreq":
+                    url = (f"/k8s/clusters/{smallreq.KEY}/version" if args.path == "frontdoor"
+                           else "/version")
+                    smallreq.wrk(port, url, seconds=args.seconds + 3,
+                                 connections=50, headers=headers)
                 else:
                     while not stop.is_set():
                         dial_once(port)

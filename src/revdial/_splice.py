@@ -22,8 +22,11 @@ take a truncated transfer for the whole of it. So:
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import socket
 import struct
+from collections.abc import Callable
 
 import trio
 
@@ -67,6 +70,25 @@ async def abort(stream: trio.abc.Stream, reason: str | None = None) -> None:
         with contextlib.suppress(OSError, trio.ClosedResourceError):
             transport.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
     await trio.aclose_forcefully(stream)
+
+
+def _socket_fd(local: trio.abc.Stream) -> int | None:
+    """The descriptor of a plain :class:`trio.SocketStream` (TCP or unix,
+    never under TLS), which trio keeps non-blocking; None for anything else."""
+    if type(local) is not trio.SocketStream:
+        return None
+    try:
+        fd = local.socket.fileno()
+    except (OSError, ValueError):
+        return None
+    return fd if fd >= 0 else None
+
+
+def direct_writer(local: trio.abc.Stream) -> Callable[[bytes], int] | None:
+    """A synchronous, non-blocking write to ``local``'s socket, or None: it
+    returns how much the kernel took or raises ``BlockingIOError``."""
+    fd = _socket_fd(local)
+    return None if fd is None else functools.partial(os.write, fd)
 
 
 async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int) -> None:
@@ -119,8 +141,11 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
     async def local_to_tunnel() -> None:
         nonlocal local_error, tunnel_error
         try:
-            while data := await local.receive_some(read_size):
-                await tunnel.send_all(data)
+            if fd is not None:
+                await direct_reads(fd)
+            else:
+                while data := await local.receive_some(read_size):
+                    await tunnel.send_all(data)
             if half:
                 await tunnel.send_eof()
                 return
@@ -133,6 +158,39 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
                 local_error = local_error or f"local connection failed: {exc}"
         nursery.cancel_scope.cancel()
 
+    async def direct_reads(fd: int) -> None:
+        """``local.receive_some`` + ``tunnel.send_all`` without their two
+        scheduler rounds and one failed ``recv`` per message: wait until the
+        socket is readable, read what is there, queue it as one frame. After
+        a full read more is likely waiting (bulk): then read again after a
+        plain checkpoint, as ``receive_some`` would."""
+        wait_readable = trio.lowlevel.wait_readable
+        checkpoint = trio.lowlevel.checkpoint
+        read = os.read
+        send_nowait = tunnel._send_nowait
+        full = False
+        while True:
+            if full:
+                await checkpoint()
+            else:
+                await wait_readable(fd)
+            try:
+                data = read(fd, read_size)
+            except BlockingIOError:
+                full = False
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(exc) from exc
+            if not data:
+                return
+            full = len(data) >= read_size
+            if not send_nowait(data):
+                await tunnel.send_all(data)
+
+    fd = _socket_fd(local)
+    # While tunnel_to_local waits with nothing buffered, the session writes
+    # what arrives for the tunnel straight to local's socket (TunnelStream._feed).
+    tunnel._sink = direct_writer(local)
     try:
         async with trio.open_nursery() as nursery:
             # One direction in this task, one child: a task less per stream
@@ -141,6 +199,7 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
             await tunnel_to_local()
         orderly = tunnel_error is None and local_error is None and tunnel.error is None
     finally:
+        tunnel._sink = None  # before local's descriptor is closed
         with trio.CancelScope(shield=True):
             if orderly:
                 tunnel.close_nowait()

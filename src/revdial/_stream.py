@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -97,6 +98,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_receiving",
         "_sending",
         "_session",
+        "_sink",
         "_small_pending",
         "conn_id",
         "target",
@@ -138,6 +140,9 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._lot = trio.lowlevel.ParkingLot()
         self._receiving = False
         self._sending = False
+        #: A non-blocking write to the local socket this stream is spliced to
+        #: (see :meth:`_feed`); None when nothing is spliced.
+        self._sink: Callable[[bytes], int] | None = None
 
     def __repr__(self) -> str:
         return f"<TunnelStream {self.conn_id} {self.target}>"
@@ -180,10 +185,35 @@ class TunnelStream(trio.abc.HalfCloseableStream):
             self._session.dial_stats.record(result, trio.current_time() - started)
 
     def _feed(self, data: bytes) -> None:
-        self._buffer.append(data)
         self._received = True
         if self._dial_started is not None:  # plain remotedialer: the first byte means connected
             self._dial_done("ok")
+        sink = self._sink
+        if (
+            sink is not None
+            and self._receiving
+            and not self._buffer
+            and len(data) <= self._session.limits.small_frame_bytes
+        ):
+            # The splice's receiver waits here with nothing buffered, so
+            # nothing can overtake these bytes: write them to the local socket
+            # right away, in the session's reader, instead of waking the
+            # receiver for a hand-off (a task switch and a scheduler round per
+            # message). What the socket does not take now -- it would block,
+            # or it failed -- goes the usual way, and the receiver's own write
+            # meets the backpressure or the error. Bulk frames always go that
+            # way: the receiver's send_all waits for the socket without copying
+            # the rest of a frame the socket took only part of.
+            try:
+                sent = sink(data)
+            except OSError:
+                sent = 0
+            if sent:
+                self._session._consumed(self.conn_id, sent)
+                if sent >= len(data):
+                    return
+                data = data[sent:]
+        self._buffer.append(data)
         self._lot.unpark_all()
 
     def _dial_confirmed(self) -> None:
@@ -337,6 +367,36 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 offset = end
         finally:
             self._sending = False
+
+    def _send_nowait(self, data: bytes) -> bool:
+        """Queue ``data`` as one Data frame at once if nothing would make
+        :meth:`send_all` wait or raise; False (nothing queued) otherwise.
+
+        The splice's fast path: no checkpoint, so call it only between
+        checkpoints of your own (the splice waits for the socket each time).
+        """
+        session = self._session
+        limits = session.limits
+        n = len(data)
+        if (
+            self._sending
+            or self._closed
+            or self._eof_sent
+            or self._error is not None
+            or self._peer_eof
+            or self._peer_paused
+            or self._small_pending
+            or self._queued >= limits.stream_outbox_bytes
+            or n > limits.max_frame_size
+            or not n
+            or not session.is_open
+        ):
+            return False
+        small = session._is_small(self, n)
+        if session._outbox_full(small):
+            return False
+        session._queue_data(self, memoryview(data), small)
+        return True
 
     def _arm_first_byte_timeout(self, timeout: float) -> None:
         """Fail the first receive if nothing (no byte, no confirmation) arrives
