@@ -43,7 +43,14 @@ from conftest import (
     ws_url,
 )
 from revdial._cli import main as cli_main
-from revdial._standin import HTTPConnection, HTTPResponse, StandInAPIServer, pattern, pattern_sha256
+from revdial._standin import (
+    HTTPConnection,
+    HTTPResponse,
+    StandInAPIServer,
+    StandInRBAC,
+    pattern,
+    pattern_sha256,
+)
 
 USER = "user-tok-3f9a"  # may reach c1
 OTHER = "other-tok-77b1"  # may reach c2 only
@@ -99,17 +106,23 @@ class Cluster:
 
 @asynccontextmanager
 async def open_cluster(
-    tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+    tmp_path: Path,
+    *,
+    users: revdial.UserTokens | revdial.UserTokensFile | None = None,
+    rbac: StandInRBAC | None = None,
 ) -> AsyncIterator[Cluster]:
+    """The whole path; ``users`` for the front door, ``rbac`` for the stand-in."""
     server_ctx, client_ctx = tls
     token_file = tmp_path / "upstream-token"
     token_file.write_text(UPSTREAM_TOKEN + "\n")
-    users = revdial.UserTokens({USER: ["c1"], OTHER: ["c2"], ADMIN: "*"})
+    if users is None:
+        users = revdial.UserTokens({USER: ["c1"], OTHER: ["c2"], ADMIN: "*"})
     async with (
         revdial.open_server(revdial.token_authorizer(token=TOKEN)) as server,
         trio.open_nursery() as nursery,
     ):
-        api = StandInAPIServer(ssl_context=server_ctx)
+        api = StandInAPIServer(ssl_context=server_ctx, rbac=rbac)
         plain_api = StandInAPIServer()
         await nursery.start(api.serve, "127.0.0.1", 0)
         await nursery.start(plain_api.serve, "127.0.0.1", 0)
@@ -189,8 +202,6 @@ async def test_what_the_upstream_sees(cluster: Cluster) -> None:
                                           ("Connection", "X-Private"),
                                           ("X-Private", "hop"),
                                           ("X-Forwarded-Proto", "spoofed"),
-                                          ("Impersonate-User", "system:admin"),
-                                          ("Impersonate-Group", "system:masters"),
                                           ("User-Agent", "test/1"),
                                       ])
     assert resp.status == 200

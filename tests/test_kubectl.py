@@ -147,3 +147,85 @@ async def test_kubectl_through_the_https_front_door(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
     for secret in (USER, UPSTREAM_TOKEN, TOKEN):
         assert secret not in logged, "a token was logged"
+
+
+async def test_kubectl_users_get_their_own_rbac_rights(tmp_path: Path) -> None:
+    """Two users through the CLI front door: the cluster's RBAC decides per user,
+    ``kubectl --as`` cannot escalate, and a removed token stops at once."""
+    from test_impersonation import ALICE, BOB, RBAC
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    leaf = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert_file))
+    leaf.private_key_pem.write_to_path(str(key_file))
+    api_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(api_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    (tmp_path / "sa-token").write_text(UPSTREAM_TOKEN + "\n")
+    users = tmp_path / "users"
+    users.write_text(f"{ALICE} c1 user=alice groups=viewers\n{BOB} c1 user=bob\n")
+
+    api = StandInAPIServer(ssl_context=api_ctx, rbac=RBAC)
+    api.create_pod("default", "web-0")
+    listen, http = free_port(), free_port()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.serve, "127.0.0.1", 0)
+        with processes(
+            ["server", "--listen", f"127.0.0.1:{listen}", "--token", TOKEN,
+             "--tls-cert", str(cert_file), "--tls-key", str(key_file),
+             "--http-listen", f"127.0.0.1:{http}", "--user-tokens", str(users)],
+            ["agent", "--server", f"wss://127.0.0.1:{listen}/connect", "--ca-file",
+             str(ca_file), "--id", "c1", "--token", TOKEN,
+             "--upstream", f"https://127.0.0.1:{api.port}", "--upstream-ca", str(ca_file),
+             "--upstream-token-file", str(tmp_path / "sa-token")],
+            log=tmp_path / "revdial.log",
+        ):
+            try:
+                with trio.fail_after(30):
+                    await wait_ready(http, ALICE, client_ctx)
+                kubectl: dict[str, Kubectl] = {}
+                for name, token in (("alice", ALICE), ("bob", BOB)):
+                    with trio.fail_after(20):
+                        out = await trio.run_process(
+                            [sys.executable, "-m", "revdial", "kubeconfig",
+                             "--server", f"https://127.0.0.1:{http}", "--cluster", "c1",
+                             "--token", token, "--certificate-authority", str(ca_file)],
+                            capture_stdout=True,
+                        )
+                    (tmp_path / f"{name}.kubeconfig").write_bytes(out.stdout)
+                    kubectl[name] = Kubectl(tmp_path / f"{name}.kubeconfig", tmp_path / name)
+
+                pods = await kubectl["alice"].run("get", "pods", "-o", "name")
+                assert pods.stdout == b"pod/web-0\n"
+                denied = await kubectl["bob"].run("get", "pods", check=False)
+                assert denied.returncode != 0
+                assert (b'Error from server (Forbidden): pods is forbidden: User "bob" '
+                        b'cannot list resource "pods"') in denied.stderr, denied
+                maps = await kubectl["bob"].run("get", "configmaps", "-o", "name")
+                assert maps.returncode == 0
+
+                # kubectl --as cannot escalate: refused by the front door, never forwarded.
+                before = len(api.requests_as)
+                for args in (["--as", "alice"], ["--as", "alice", "--as-group", "viewers"],
+                             ["--as", "system:admin", "--as-group", "system:masters"]):
+                    escalate = await kubectl["bob"].run(*args, "get", "pods", check=False)
+                    assert escalate.returncode != 0
+                    assert b"impersonation" in escalate.stderr, escalate
+                assert len(api.requests_as) == before
+
+                # bob's token removed from the file: his next command is refused (401).
+                users.write_text(f"{ALICE} c1 user=alice groups=viewers\n")
+                gone = await kubectl["bob"].run("get", "configmaps", check=False)
+                assert gone.returncode != 0
+                assert b"You must be logged in to the server" in gone.stderr, gone
+                assert (await kubectl["alice"].run("get", "pods", "-o", "name")).returncode == 0
+            finally:
+                logged = (tmp_path / "revdial.log").read_text(errors="replace")
+                print(logged[-3000:])
+        nursery.cancel_scope.cancel()
+    for secret in (ALICE, BOB, UPSTREAM_TOKEN, TOKEN):
+        assert secret not in logged, "a token was logged"

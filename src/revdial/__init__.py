@@ -34,6 +34,8 @@ from ._errors import (
 )
 from ._frontdoor import (
     FrontDoor,
+    Identity,
+    UserGrant,
     UserTokens,
     UserTokensFile,
     make_kubeconfig,
@@ -89,6 +91,7 @@ __all__ = [
     "HalfCloseUnsupportedError",
     "HandshakeError",
     "HandshakeRequest",
+    "Identity",
     "Limits",
     "Monitor",
     "NoSuchClientError",
@@ -108,6 +111,7 @@ __all__ = [
     "StreamResetError",
     "TunnelError",
     "TunnelStream",
+    "UserGrant",
     "UserTokens",
     "UserTokensFile",
     "abort",

@@ -18,24 +18,36 @@ Routes
     ``scheme`` ``http`` is supported (the front door does not speak TLS to
     targets behind the agent); anything else is answered 400.
 
-Authentication
---------------
+Authentication and identity
+---------------------------
 Users present their own bearer token (``Authorization: Bearer TOKEN``),
 checked against :class:`UserTokens` (``--user-tokens FILE``: lines of
-``TOKEN CLIENT_KEY[,CLIENT_KEY...]`` or ``TOKEN *``). No token or an unknown
-one: 401; a token that may not reach that client key: 403. Tokens are
-compared in constant time (SHA-256 digests, every entry compared), never
-logged, and the user's ``Authorization`` header is removed before the
-request is forwarded: neither the agent nor the upstream ever sees it (the
-agent authenticates to its upstream with its own ``--upstream-token-file``).
-``Impersonate-*`` headers are removed too: they would let a user borrow the
-rights of whoever the agent's identity may impersonate.
+``TOKEN CLIENT_KEY[,CLIENT_KEY...] [user=NAME] [groups=GROUP[,GROUP...]]``;
+``*`` for every client key). No token or an unknown one: 401; a token that
+may not reach that client key: 403. Tokens are compared in constant time
+(SHA-256 digests, every entry compared), never logged, and the user's
+``Authorization`` header is removed before the request is forwarded: neither
+the agent nor the upstream ever sees it (the agent authenticates to its
+upstream with its own ``--upstream-token-file``).
+
+A token mapped to a user (``user=alice``) reaches the cluster as that user,
+as Rancher does it: the front door sets ``Impersonate-User: alice`` and one
+``Impersonate-Group`` per group on ``/k8s/clusters/...`` requests, so the
+cluster's RBAC decides per user while the agent's service account (which
+must be allowed to impersonate) authenticates. A request that carries its
+own ``Impersonate-*`` headers (``kubectl --as``, ``--as-group``) is refused
+with 403 and never forwarded: Kubernetes has no nested impersonation, so the
+front door could honour it only by checking the user's right to impersonate
+itself, which it does not; quietly dropping it would run a command meant to
+have *fewer* rights with the user's own. A token without ``user=`` acts as the
+agent's service account (the behaviour of files written before identities).
 
 Answers of the front door itself
 --------------------------------
 =====  ================================================================
 401    no bearer token, or an unknown one (with ``WWW-Authenticate``)
-403    the token may not reach that client key
+403    the token may not reach that client key, or the request carries
+       ``Impersonate-*`` headers
 404    a path that is neither route
 503    the client key has no connected agent (the body says so)
 502    the agent refused the dial (no ``--upstream``, or ``--allow``
@@ -56,9 +68,10 @@ import hmac
 import json
 import logging
 import os
+import re
 import ssl
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 import trio
@@ -90,6 +103,8 @@ from ._server import Server, bound_addresses
 __all__ = [
     "ALL_CLIENTS",
     "FrontDoor",
+    "Identity",
+    "UserGrant",
     "UserTokens",
     "UserTokensFile",
     "make_kubeconfig",
@@ -106,21 +121,62 @@ _CLIENT_PREFIX = b"/client/"
 
 
 @dataclass(frozen=True, slots=True)
-class _Grant:
-    digest: bytes
-    clients: frozenset[str] | None  # None: every client
+class Identity:
+    """Who a front-door user is to the cluster: a Kubernetes user name and groups.
+
+    Sent upstream as ``Impersonate-User`` and one ``Impersonate-Group`` per
+    group. Names are printable ASCII without spaces (they travel in HTTP
+    headers and in a whitespace-separated file); groups hold no comma.
+    """
+
+    user: str
+    groups: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.user):
+            raise ValueError("a user name must be printable ASCII without spaces")
+        for group in self.groups:
+            if not _NAME.fullmatch(group) or "," in group:
+                raise ValueError("a group must be printable ASCII without spaces or commas")
+
+
+_NAME = re.compile(r"[!-~]+")
+
+
+@dataclass(frozen=True, slots=True)
+class UserGrant:
+    """What one user token grants: the client keys it may reach, and as whom."""
+
+    #: The client keys this token may reach; ``None``: every one (``*``).
+    clients: frozenset[str] | None
+    #: Who the requests run as in the cluster; ``None``: the agent's own identity.
+    identity: Identity | None
+    digest: bytes = field(repr=False)
+
+    def allows(self, client_key: str) -> bool:
+        return self.clients is None or client_key in self.clients
 
 
 class UserTokens:
     """The front door's users: bearer tokens, each with the client keys it may reach.
 
-    ``UserTokens({"tok1": ["laptop", "edge"], "admin-tok": "*"})``. Only
-    SHA-256 digests are kept; lookups compare against every entry in
-    constant time.
+    ``UserTokens({"tok1": ["laptop", "edge"], "admin-tok": "*"}, identities={
+    "tok1": Identity("alice", ("dev",))})``. A token with an identity reaches
+    clusters as that Kubernetes user (see the module docstring); one without
+    acts as the agent's service account. Only SHA-256 digests of the tokens
+    are kept; lookups compare against every entry in constant time.
     """
 
-    def __init__(self, grants: Mapping[str, Iterable[str] | str]) -> None:
-        self._grants: list[_Grant] = []
+    def __init__(
+        self,
+        grants: Mapping[str, Iterable[str] | str],
+        *,
+        identities: Mapping[str, Identity] | None = None,
+    ) -> None:
+        identities = dict(identities or {})
+        if set(identities) - set(grants):
+            raise ValueError("an identity for a token without client keys")
+        self._grants: list[UserGrant] = []
         for token, clients in grants.items():
             if not token:
                 raise ValueError("empty user token")
@@ -128,9 +184,10 @@ class UserTokens:
             if not keys:
                 raise ValueError("a user token needs at least one client key (or *)")
             self._grants.append(
-                _Grant(
-                    hashlib.sha256(token.encode()).digest(),
-                    None if ALL_CLIENTS in keys else keys,
+                UserGrant(
+                    clients=None if ALL_CLIENTS in keys else keys,
+                    identity=identities.get(token),
+                    digest=hashlib.sha256(token.encode()).digest(),
                 )
             )
 
@@ -140,38 +197,70 @@ class UserTokens:
     def __repr__(self) -> str:  # never the tokens
         return f"<UserTokens: {len(self)} tokens>"
 
-    def authorize(self, token: str, client_key: str) -> bool | None:
-        """``None``: unknown token (401); ``False``: not for that client (403); ``True``."""
+    def lookup(self, token: str) -> UserGrant | None:
+        """The grant of ``token``, or ``None`` for an unknown token (constant time)."""
         digest = hashlib.sha256(token.encode()).digest()
-        found: _Grant | None = None
+        found: UserGrant | None = None
         for grant in self._grants:  # no early exit: the time does not tell which matched
             if hmac.compare_digest(digest, grant.digest):
                 found = grant
-        if found is None:
-            return None
-        return found.clients is None or client_key in found.clients
+        return found
+
+    def authorize(self, token: str, client_key: str) -> bool | None:
+        """``None``: unknown token (401); ``False``: not for that client (403); ``True``."""
+        grant = self.lookup(token)
+        return None if grant is None else grant.allows(client_key)
+
+
+_FILE_FORMAT = "expected 'TOKEN CLIENT_KEY[,CLIENT_KEY...] [user=NAME] [groups=G1[,G2...]]'"
 
 
 def read_user_tokens(path: str | os.PathLike[str]) -> UserTokens:
-    """Read ``TOKEN CLIENT_KEY[,CLIENT_KEY...]`` (or ``TOKEN *``) lines.
+    """Read ``TOKEN CLIENT_KEY[,CLIENT_KEY...] [user=NAME] [groups=G1[,G2...]]`` lines.
 
-    Blank lines and ``#`` comments are ignored. Errors name the line, never
-    its content (it holds a secret).
+    ``*`` as the client keys grants every client. ``user=`` maps the token
+    to a Kubernetes user (``groups=`` needs it), sent upstream as
+    ``Impersonate-User``/``Impersonate-Group``; without it the token acts as
+    the agent's service account (files of two fields, the older format, keep
+    that meaning). A token may appear on several lines: its client keys add
+    up, and at most one identity may be given for it. Blank lines and ``#``
+    comments are ignored. Errors name the line, never its content (it holds a
+    secret).
     """
     grants: dict[str, list[str]] = {}
+    identities: dict[str, Identity] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
+            where = f"{path}:{lineno}"
             parts = line.split()
-            keys = [k for k in parts[1].split(",") if k] if len(parts) == 2 else []
+            keys = [k for k in parts[1].split(",") if k] if len(parts) >= 2 else []
             if not keys:
-                raise ValueError(f"{path}:{lineno}: expected 'TOKEN CLIENT_KEY[,CLIENT_KEY...]'")
-            grants.setdefault(parts[0], []).extend(keys)
+                raise ValueError(f"{where}: {_FILE_FORMAT}")
+            fields: dict[str, str] = {}
+            for part in parts[2:]:
+                name, eq, value = part.partition("=")
+                if not eq or name not in ("user", "groups") or name in fields:
+                    raise ValueError(f"{where}: {_FILE_FORMAT}")
+                fields[name] = value
+            token = parts[0]
+            if fields:
+                if "user" not in fields:
+                    raise ValueError(f"{where}: groups= needs user=")
+                groups = tuple(g for g in fields.get("groups", "").split(",") if g)
+                try:
+                    identity = Identity(fields["user"], groups)
+                except ValueError as exc:
+                    raise ValueError(f"{where}: {exc}") from None
+                if identities.get(token, identity) != identity:
+                    raise ValueError(f"{where}: a second, different identity for a token")
+                identities[token] = identity
+            grants.setdefault(token, []).extend(keys)
     if not grants:
         raise ValueError(f"{path}: no user tokens")
-    return UserTokens(grants)
+    return UserTokens(grants, identities=identities)
 
 
 class UserTokensFile:
@@ -223,11 +312,16 @@ class UserTokensFile:
         log.info("user tokens %s: %d tokens", self.path, len(tokens))
         return True
 
-    def authorize(self, token: str, client_key: str) -> bool | None:
-        """As :meth:`UserTokens.authorize`, with the file as it is now."""
+    def lookup(self, token: str) -> UserGrant | None:
+        """As :meth:`UserTokens.lookup`, with the file as it is now."""
         if self._stat() != self._key:
             self.reload()
-        return self.tokens.authorize(token, client_key)
+        return self.tokens.lookup(token)
+
+    def authorize(self, token: str, client_key: str) -> bool | None:
+        """As :meth:`UserTokens.authorize`, with the file as it is now."""
+        grant = self.lookup(token)
+        return None if grant is None else grant.allows(client_key)
 
 
 def _bearer(request: ProxyRequest) -> str | None:
@@ -335,9 +429,9 @@ class FrontDoor:
         if path.startswith(_K8S_PREFIX):
             key_raw, _, rest = path[len(_K8S_PREFIX):].partition(b"/")
             key = unquote(key_raw.decode("latin-1"))
-            self._authorize(request, key)
+            identity = self._authorize(request, key)
             return self._to_agent(request, key, PROXY_PROTO, PROXY_ADDRESS, b"/" + rest + suffix,
-                                  host=b"revdial.proxy")
+                                  host=b"revdial.proxy", identity=identity)
         if path.startswith(_CLIENT_PREFIX):
             parts = path[len(_CLIENT_PREFIX):].split(b"/", 3)
             if len(parts) < 3 or not all(parts[:3]):
@@ -361,15 +455,23 @@ class FrontDoor:
         raise _Answer(404, "not found: use /k8s/clusters/{client_key}/{path} or "
                       "/client/{client_key}/http/{host[:port]}/{path}")
 
-    def _authorize(self, request: ProxyRequest, client_key: str) -> None:
+    def _authorize(self, request: ProxyRequest, client_key: str) -> Identity | None:
+        """The identity the request runs as upstream; raises the 401/403 answers."""
         token = _bearer(request)
         if token is None:
             raise _unauthorized("unauthorized: a bearer token is required")
-        allowed = self.users.authorize(token, client_key)
-        if allowed is None:
+        grant = self.users.lookup(token)
+        if grant is None:
             raise _unauthorized("unauthorized: unknown token")
-        if not allowed:
+        if not grant.allows(client_key):
             raise _Answer(403, f"forbidden: this token may not reach {client_key!r}")
+        if any(n.startswith(b"impersonate-") for n, _ in request.headers):
+            log.info("front door: request from %s with Impersonate-* headers -> 403",
+                     request.client or "?")
+            raise _Answer(403, "forbidden: impersonation (kubectl --as, --as-group) is not "
+                               "passed through the front door; requests run as the user "
+                               "your token maps to")
+        return grant.identity
 
     def _to_agent(
         self,
@@ -380,14 +482,10 @@ class FrontDoor:
         target: bytes,
         *,
         host: bytes,
+        identity: Identity | None = None,
     ) -> Route:
-        # The agent authenticates upstream with its own token: a user's
-        # Impersonate-* headers would borrow that identity's rights, so they stop here.
-        headers = [(n, v) for n, v in request.headers
-                   if n not in (b"authorization", b"host") and not n.startswith(b"impersonate-")]
-        headers.insert(0, (b"host", host))
         headers = with_forwarded(
-            headers,
+            upstream_headers(request.headers, host, identity),
             client=request.client,
             proto=request.scheme,
             host=request.header(b"host"),
@@ -426,6 +524,26 @@ class FrontDoor:
         if isinstance(exc, DialTimeoutError):
             return _Answer(504, f"agent {client_key!r} timed out dialling {what}")
         return _Answer(502, f"agent {client_key!r} could not reach {what}: {exc.reason}")
+
+
+def upstream_headers(
+    headers: Iterable[tuple[bytes, bytes]], host: bytes, identity: Identity | None
+) -> list[tuple[bytes, bytes]]:
+    """The user's (lower-cased, end-to-end) headers as sent on to the agent.
+
+    ``Host`` is replaced; ``Authorization`` and every ``Impersonate-*`` header
+    are dropped -- the agent authenticates upstream with its own token, and a
+    user's impersonation headers would borrow that identity's rights -- and
+    ``identity``, when given, is set as ``Impersonate-User`` plus one
+    ``Impersonate-Group`` per group, so the cluster's RBAC applies to the user.
+    """
+    out = [(b"host", host)]
+    out += [(n, v) for n, v in headers
+            if n not in (b"authorization", b"host") and not n.startswith(b"impersonate-")]
+    if identity is not None:
+        out.append((b"impersonate-user", identity.user.encode("ascii")))
+        out += [(b"impersonate-group", g.encode("ascii")) for g in identity.groups]
+    return out
 
 
 def _fmt(host: str, port: int) -> str:

@@ -18,6 +18,12 @@ diagnostic endpoints under ``/revdial/``:
   (wsproto), with any other protocol (``SPDY/3.1``) a raw byte echo after
   the 101.
 
+With ``rbac=`` (:class:`StandInRBAC`) it authenticates bearer tokens and
+honours impersonation (``Impersonate-User``/``Impersonate-Group``) with a
+tiny RBAC model, enough to show per-user rights through the front door: 401
+for an unknown token, 403 with a Kubernetes ``Forbidden`` Status for what the
+(impersonated) user may not do. Without it every request is allowed.
+
 Built on h11 and trio like the rest of revdial, with no other dependency, so
 the demo needs nothing beyond the package. Bodies are streamed; memory stays
 flat for any size. :class:`HTTPConnection` is the matching minimal client.
@@ -31,9 +37,16 @@ import logging
 import ssl
 import struct
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
@@ -45,7 +58,14 @@ from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
-__all__ = ["HTTPConnection", "HTTPResponse", "StandInAPIServer", "pattern", "pattern_sha256"]
+__all__ = [
+    "HTTPConnection",
+    "HTTPResponse",
+    "StandInAPIServer",
+    "StandInRBAC",
+    "pattern",
+    "pattern_sha256",
+]
 
 log = logging.getLogger("revdial.standin")
 
@@ -96,6 +116,62 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class StandInRBAC:
+    """The stand-in's authentication and authorization: small, not Kubernetes'.
+
+    * ``tokens`` maps each bearer token to a user name; a request without a
+      known token gets 401 ``Unauthorized``.
+    * ``impersonators`` are the users allowed to impersonate any user and
+      group (Kubernetes' ``impersonate`` verb on ``users``/``groups``); anyone
+      else sending ``Impersonate-*`` gets 403. ``Impersonate-Group`` needs
+      ``Impersonate-User`` (400). An impersonated user is in its groups plus
+      ``system:authenticated``; a token's own user is in that group only.
+    * ``rules`` maps a subject -- a user name, or ``group:NAME`` -- to rules
+      ``"VERB RESOURCE"`` (``"list pods"``, ``"get configmaps"``), ``*`` for
+      either part. Verbs: ``get``, ``list``, ``watch``, ``create``,
+      ``update``, ``delete``; resources: ``pods``, ``configmaps``,
+      ``namespaces``, in every namespace. What no rule allows gets 403
+      ``Forbidden`` with Kubernetes' message. Version, discovery, health and
+      the ``/revdial/`` diagnostics are open to every authenticated user.
+    """
+
+    tokens: Mapping[str, str]
+    impersonators: frozenset[str] = frozenset()
+    rules: Mapping[str, Iterable[str]] = field(default_factory=dict)
+
+    def authenticate(self, headers: Mapping[str, list[str]]) -> tuple[str, tuple[str, ...]]:
+        """``(user, groups)`` the request acts as; raises the 400/401/403 answers."""
+        auth = headers.get("authorization", [])
+        scheme, _, token = (auth[0] if len(auth) == 1 else "").partition(" ")
+        user = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+        if user is None:
+            raise _HTTPError(401, "Unauthorized", "Unauthorized")
+        as_user = headers.get("impersonate-user", [])
+        as_groups = tuple(headers.get("impersonate-group", []))
+        if not as_user and not as_groups and not any(
+                n.startswith("impersonate-") for n in headers):
+            return user, ("system:authenticated",)
+        if len(as_user) != 1:
+            raise _HTTPError(400, "BadRequest",
+                             "impersonating groups or extras needs exactly one Impersonate-User")
+        if user not in self.impersonators:
+            raise _HTTPError(403, "Forbidden",
+                             f'users "{as_user[0]}" is forbidden: User "{user}" cannot '
+                             'impersonate resource "users" in API group "" at the cluster scope',
+                             details={"name": as_user[0], "kind": "users"})
+        return as_user[0], (*as_groups, "system:authenticated")
+
+    def allows(self, user: str, groups: tuple[str, ...], verb: str, resource: str) -> bool:
+        subjects = [user, *(f"group:{g}" for g in groups)]
+        for subject in subjects:
+            for rule in self.rules.get(subject, ()):
+                rule_verb, _, rule_resource = rule.partition(" ")
+                if rule_verb in ("*", verb) and rule_resource in ("*", resource):
+                    return True
+        return False
+
+
 class _Request:
     """One request being served: head, and the body read on demand."""
 
@@ -110,6 +186,11 @@ class _Request:
         self.raw_headers = [(n.decode("latin-1"), v.decode("latin-1"))
                             for n, v in event.headers.raw_items()]
         self.headers = {n.lower(): v for n, v in self.raw_headers}
+        self.header_lists: dict[str, list[str]] = {}
+        for n, v in self.raw_headers:
+            self.header_lists.setdefault(n.lower(), []).append(v)
+        #: ``(user, groups)`` the request acts as (with :class:`StandInRBAC`).
+        self.user: tuple[str, tuple[str, ...]] | None = None
         self.http_version = event.http_version.decode("ascii")
 
     async def _next(self) -> h11.Event:
@@ -154,10 +235,13 @@ class _Request:
 
 
 class _HTTPError(Exception):
-    def __init__(self, code: int, reason: str, message: str) -> None:
+    def __init__(
+        self, code: int, reason: str, message: str, *, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.reason = reason
+        self.details = details
 
 
 @dataclass(eq=False)
@@ -181,8 +265,13 @@ class StandInAPIServer:
         *,
         ssl_context: ssl.SSLContext | None = None,
         namespaces: Iterable[str] = ("default", "kube-system"),
+        rbac: StandInRBAC | None = None,
     ) -> None:
         self._ssl_context = ssl_context
+        #: Authentication and authorization; ``None``: every request is allowed.
+        self.rbac = rbac
+        #: ``(user, groups, "METHOD path")`` of each authenticated request (with ``rbac``).
+        self.requests_as: list[tuple[str, tuple[str, ...], str]] = []
         self._rv = 1
         self._uid = 0
         self._namespaces = {ns: self._object("Namespace", None, ns) for ns in namespaces}
@@ -349,7 +438,10 @@ class StandInAPIServer:
                 except _HTTPError as exc:
                     if conn.our_state is not h11.SEND_RESPONSE:
                         return
-                    await req.respond(exc.code, _status(exc.code, exc.reason, str(exc)))
+                    status = _status(exc.code, exc.reason, str(exc))
+                    if exc.details is not None:
+                        status["details"] = exc.details
+                    await req.respond(exc.code, status)
                     upgraded = False
                 if upgraded:
                     return
@@ -366,6 +458,9 @@ class StandInAPIServer:
     async def _dispatch(self, req: _Request) -> bool:
         """Serve ``req``; True if the connection was upgraded (and is now done)."""
         path, method = req.path.rstrip("/") or "/", req.method
+        if self.rbac is not None:
+            req.user = self.rbac.authenticate(req.header_lists)
+            self.requests_as.append((*req.user, f"{method} {req.path}"))
         if path == "/revdial/upgrade":
             return await self._upgrade(req)
         if path == "/revdial/echo":
@@ -435,6 +530,7 @@ class StandInAPIServer:
         elif parts[:3] == ["api", "v1", "namespaces"] and len(parts) <= 4:
             if method != "GET":
                 raise _HTTPError(405, "MethodNotAllowed", f"{method} is not supported here")
+            self._authorize(req, "namespaces", None, named=len(parts) == 4)
             if len(parts) == 4:
                 ns = self._namespaces.get(parts[3])
                 if ns is None:
@@ -463,7 +559,27 @@ class StandInAPIServer:
         return {"kind": kind, "apiVersion": "v1",
                 "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
+    def _authorize(
+        self, req: _Request, resource: str, namespace: str | None, *, named: bool
+    ) -> None:
+        """403 ``Forbidden`` (Kubernetes' wording) unless ``req.user`` may do this."""
+        if self.rbac is None or req.user is None:
+            return
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch",
+                "DELETE": "delete"}.get(req.method, "get")
+        if verb == "get" and not named:
+            verb = "watch" if req.query.get("watch") in ("1", "true") else "list"
+        user, groups = req.user
+        if self.rbac.allows(user, groups, verb, resource):
+            return
+        where = (f'in the namespace "{namespace}"' if namespace is not None
+                 else "at the cluster scope")
+        raise _HTTPError(403, "Forbidden",
+                         f'{resource} is forbidden: User "{user}" cannot {verb} resource '
+                         f'"{resource}" in API group "" {where}', details={"kind": resource})
+
     async def _collection(self, req: _Request, resource: str, namespace: str | None) -> None:
+        self._authorize(req, resource, namespace, named=False)
         if req.method == "GET":
             if req.query.get("watch") in ("1", "true"):
                 await self._watch(req, resource, namespace)
@@ -485,6 +601,7 @@ class StandInAPIServer:
             raise _HTTPError(405, "MethodNotAllowed", f"{req.method} is not supported here")
 
     async def _item(self, req: _Request, resource: str, namespace: str, name: str) -> None:
+        self._authorize(req, resource, namespace, named=True)
         store = self._store(resource)
         if (namespace, name) not in store:
             raise _HTTPError(404, "NotFound", f'{resource} "{name}" not found')

@@ -1,0 +1,246 @@
+"""Per-user identities through the front door, as Rancher does it.
+
+The user-token file maps each token to a Kubernetes user (and groups); the
+front door sends ``Impersonate-User``/``Impersonate-Group`` from that mapping
+and refuses requests carrying their own ``Impersonate-*`` headers; the agent's
+service-account token authenticates. The stand-in API server
+(``StandInRBAC``) authenticates that token, lets only the service account
+impersonate, and gives alice and bob different rights -- so what each user
+may do is decided by the cluster's RBAC, per user, end to end on loopback.
+(The real ``kubectl`` does the same in ``tests/test_kubectl.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import revdial
+from revdial._frontdoor import upstream_headers
+from revdial._standin import HTTPConnection, StandInAPIServer, StandInRBAC
+from test_frontdoor import UPSTREAM_TOKEN, Cluster, open_cluster, tls  # noqa: F401
+
+ALICE = "alice-tok-9d1e"  # user alice, group viewers: may list pods and config maps
+BOB = "bob-tok-4c77"  # user bob: may list config maps only
+LEGACY = "legacy-tok-0b3a"  # no user: acts as the agent's service account
+SA = "system:serviceaccount:revdial:agent"
+RBAC = StandInRBAC(
+    tokens={UPSTREAM_TOKEN: SA, "direct-bob": "bob"},
+    impersonators=frozenset({SA}),
+    rules={
+        "alice": ["list pods", "get pods", "watch pods"],
+        "bob": ["list configmaps"],
+        "group:viewers": ["get configmaps", "list configmaps"],
+    },
+)
+USERS = f"""\
+# token       clients  identity
+{ALICE} c1 user=alice groups=viewers
+{BOB} c1 user=bob
+{LEGACY} c1
+"""
+PODS = "/k8s/clusters/c1/api/v1/namespaces/default/pods"
+CONFIGMAPS = "/k8s/clusters/c1/api/v1/namespaces/default/configmaps"
+
+
+@pytest.fixture
+async def cluster(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], tmp_path: Path  # noqa: F811
+) -> AsyncIterator[Cluster]:
+    path = tmp_path / "users"
+    path.write_text(USERS)
+    async with open_cluster(tls, tmp_path, users=revdial.UserTokensFile(path),
+                            rbac=RBAC) as c:
+        c.api.create_pod("default", "web-0")
+        yield c
+
+
+# --- the file format --------------------------------------------------------------------
+
+
+def test_user_tokens_file_with_identities(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text(USERS + f"{ALICE} c2\n{BOB} c3 user=bob\nadmin-tok * user=root groups=a,b,\n")
+    users = revdial.read_user_tokens(path)
+    alice = users.lookup(ALICE)
+    assert alice is not None
+    assert alice.identity == revdial.Identity("alice", ("viewers",))
+    assert alice.clients == frozenset({"c1", "c2"})  # lines of one token add up
+    bob = users.lookup(BOB)
+    assert bob is not None
+    assert bob.identity == revdial.Identity("bob")
+    legacy = users.lookup(LEGACY)
+    assert legacy is not None
+    assert legacy.identity is None
+    admin = users.lookup("admin-tok")
+    assert admin is not None
+    assert admin.clients is None
+    assert admin.allows("any")
+    assert admin.identity == revdial.Identity("root", ("a", "b"))
+    assert users.lookup("nobody") is None
+    assert users.authorize(BOB, "c3") is True
+    assert users.authorize(BOB, "c2") is False
+    assert ALICE not in repr(users)
+    assert ALICE not in repr(alice)
+
+
+@pytest.mark.parametrize(("line", "error"), [
+    ("secret-tok-1 c1 groups=dev", "groups= needs user="),
+    ("secret-tok-1 c1 user=", "user name"),
+    ("secret-tok-1 c1 user=al\u00efce", "user name"),
+    ("secret-tok-1 c1 role=admin", "expected"),
+    ("secret-tok-1 c1 user=a user=b", "expected"),
+    ("secret-tok-1 c1 user=alice\nsecret-tok-1 c2 user=bob", "second, different identity"),
+])
+def test_user_tokens_file_errors_name_the_line_only(
+    tmp_path: Path, line: str, error: str
+) -> None:
+    path = tmp_path / "users"
+    path.write_text(line + "\n")
+    with pytest.raises(ValueError, match=error) as info:
+        revdial.read_user_tokens(path)
+    assert f"{path}:" in str(info.value)
+    assert "secret-tok" not in str(info.value)
+
+
+def test_identity_names_are_header_safe() -> None:
+    for bad in ("", "a b", "a\r\nX-Evil: 1", "caf\u00e9"):
+        with pytest.raises(ValueError, match="user name"):
+            revdial.Identity(bad)
+    with pytest.raises(ValueError, match="group"):
+        revdial.Identity("alice", ("a,b",))
+    with pytest.raises(ValueError, match="without client keys"):
+        revdial.UserTokens({"t": "*"}, identities={"u": revdial.Identity("alice")})
+
+
+def test_upstream_headers_replace_identity_and_drop_client_impersonation() -> None:
+    sent = [(b"accept", b"*/*"), (b"authorization", b"Bearer user"), (b"host", b"fd"),
+            (b"impersonate-user", b"system:admin"), (b"impersonate-group", b"system:masters"),
+            (b"impersonate-extra-scopes", b"x"), (b"impersonate-uid", b"0")]
+    assert upstream_headers(sent, b"up", revdial.Identity("bob", ("dev", "ops"))) == [
+        (b"host", b"up"), (b"accept", b"*/*"), (b"impersonate-user", b"bob"),
+        (b"impersonate-group", b"dev"), (b"impersonate-group", b"ops")]
+    assert upstream_headers(sent, b"up", None) == [(b"host", b"up"), (b"accept", b"*/*")]
+
+
+# --- the stand-in's RBAC, directly ------------------------------------------------------
+
+
+async def test_standin_rbac_directly() -> None:
+    api = StandInAPIServer(rbac=RBAC)
+    api.create_pod("default", "web-0")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(api.serve, "127.0.0.1", 0)
+        with trio.fail_after(10):
+            async with await HTTPConnection.open("127.0.0.1", api.port) as conn:
+
+                async def get(target: str, *headers: tuple[str, str]) -> tuple[int, Any]:
+                    resp = await conn.request("GET", target, headers=list(headers))
+                    return resp.status, resp.json()
+
+                pods = "/api/v1/namespaces/default/pods"
+                status, body = await get(pods)
+                assert (status, body["reason"]) == (401, "Unauthorized")
+                sa = ("Authorization", f"Bearer {UPSTREAM_TOKEN}")
+                status, body = await get(pods, sa)
+                assert (status, body["reason"]) == (403, "Forbidden")  # the SA itself may not
+                assert body["message"] == (
+                    f'pods is forbidden: User "{SA}" cannot list resource "pods" in API '
+                    'group "" in the namespace "default"')
+                status, body = await get(pods, sa, ("Impersonate-User", "alice"))
+                assert (status, body["kind"]) == (200, "PodList")
+                status, body = await get("/api/v1/pods", sa, ("Impersonate-User", "alice"),
+                                         ("Impersonate-Group", "x"))
+                assert status == 200  # cluster scope: allowed in every namespace
+                status, body = await get(pods, sa, ("Impersonate-Group", "viewers"))
+                assert status == 400  # a group needs a user
+                # Only the service account may impersonate: bob cannot become alice.
+                bob = ("Authorization", "Bearer direct-bob")
+                status, body = await get(pods, bob, ("Impersonate-User", "alice"))
+                assert (status, body["reason"]) == (403, "Forbidden")
+                assert body["details"] == {"name": "alice", "kind": "users"}
+                assert 'User "bob" cannot impersonate' in body["message"]
+                status, body = await get("/version", bob)
+                assert status == 200  # non-resource URLs: any authenticated user
+        nursery.cancel_scope.cancel()
+    assert api.requests_as[1] == ("alice", ("system:authenticated",),
+                                  "GET /api/v1/namespaces/default/pods")
+
+
+# --- through the front door -------------------------------------------------------------
+
+
+async def _get(cluster: Cluster, target: str, token: str,
+               *extra: tuple[str, str]) -> tuple[int, str]:
+    async with await cluster.connect() as conn:
+        resp = await conn.request("GET", target,
+                                  headers=[("Authorization", f"Bearer {token}"), *extra])
+    return resp.status, resp.text
+
+
+async def test_each_user_gets_their_own_rights(cluster: Cluster) -> None:
+    with trio.fail_after(20):
+        status, text = await _get(cluster, PODS, ALICE)
+        assert status == 200, text
+        assert [p["metadata"]["name"] for p in json.loads(text)["items"]] == ["web-0"]
+        status, text = await _get(cluster, PODS, BOB)
+        assert status == 403
+        assert json.loads(text)["message"].startswith('pods is forbidden: User "bob" cannot list')
+        # Groups count: alice reads config maps as a member of "viewers", bob by his own rule.
+        assert (await _get(cluster, CONFIGMAPS, ALICE))[0] == 200
+        assert (await _get(cluster, CONFIGMAPS, BOB))[0] == 200
+        assert (await _get(cluster, f"{CONFIGMAPS}?watch=1&timeoutSeconds=1", BOB))[0] == 403
+        # A token without user= acts as the agent's service account (the old behaviour).
+        status, text = await _get(cluster, PODS, LEGACY)
+        assert status == 403
+        assert f'User "{SA}" cannot list' in json.loads(text)["message"]
+    seen = [(user, groups) for user, groups, _ in cluster.api.requests_as]
+    assert seen[:2] == [("alice", ("viewers", "system:authenticated")),
+                        ("bob", ("system:authenticated",))]
+    assert seen[-1] == (SA, ("system:authenticated",))
+
+
+async def test_client_impersonation_is_refused_not_forwarded(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="revdial")
+    with trio.fail_after(20):
+        for extra in ([("Impersonate-User", "alice")],
+                      [("Impersonate-User", "system:admin"),
+                       ("Impersonate-Group", "system:masters")],
+                      [("Impersonate-Group", "viewers")],
+                      [("impersonate-extra-scopes", "all")],
+                      [("Impersonate-Uid", "0")]):
+            for token in (BOB, LEGACY, ALICE):
+                status, text = await _get(cluster, PODS, token, *extra)
+                assert status == 403, (extra, token, text)
+                assert "impersonation" in text
+        # An unknown token is still 401 first: the 403 tells nothing to strangers.
+        assert (await _get(cluster, PODS, "nobody", ("Impersonate-User", "a")))[0] == 401
+    assert cluster.api.requests_as == []  # none of it reached the cluster
+    logged = caplog.text
+    assert "Impersonate-* headers -> 403" in logged
+    assert BOB not in logged
+    assert "system:admin" not in logged
+
+
+async def test_token_file_changes_apply_to_the_next_request(cluster: Cluster,
+                                                            tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    with trio.fail_after(20):
+        assert (await _get(cluster, PODS, ALICE))[0] == 200
+        # alice's token removed: her very next request is 401 (no restart, no reload call).
+        path.write_text(f"{BOB} c1 user=bob\n")
+        assert (await _get(cluster, PODS, ALICE))[0] == 401
+        assert (await _get(cluster, PODS, BOB))[0] == 403
+        # bob's token now maps to alice: his next request runs with her rights.
+        path.write_text(f"{BOB} c1 user=alice groups=viewers\n")
+        assert (await _get(cluster, PODS, BOB))[0] == 200
+    assert cluster.api.requests_as[-1][0] == "alice"
