@@ -1,0 +1,163 @@
+"""Slow-loris: request heads dribbled byte by byte are cut off on time.
+
+On the server's WebSocket listener (``Limits.handshake_timeout`` bounds the
+whole upgrade), on the front door and on the agent's reverse proxy
+(``ProxyLimits.header_timeout`` from a head's first byte to its end, after an
+``idle_timeout`` wait for that first byte). Memory streams and a MockClock:
+the times asserted are exact, and no test waits on the wall clock.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+import trio.testing
+
+import revdial
+from revdial._proxy import ProxyLimits
+
+HEAD = (b"GET /k8s/clusters/c1/version HTTP/1.1\r\nHost: fd\r\n"
+        b"User-Agent: slow/1\r\nAccept: */*\r\n\r\n")
+UPGRADE = (b"GET /connect HTTP/1.1\r\nHost: server\r\nUpgrade: websocket\r\n"
+           b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           b"Sec-WebSocket-Version: 13\r\nX-Tunnel-ID: slow\r\n"
+           b"Authorization: Bearer s3cret\r\n\r\n")
+
+
+async def dribble(stream: trio.abc.SendStream, data: bytes, interval: float) -> None:
+    """Send ``data`` one byte every ``interval`` seconds, until done or cut off."""
+    try:
+        for i in range(len(data)):
+            await stream.send_all(data[i:i + 1])
+            await trio.sleep(interval)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def read_until_closed(stream: trio.abc.ReceiveStream) -> tuple[bytes, float]:
+    """Everything the peer sends until it closes, and when it closed."""
+    buf = bytearray()
+    try:
+        while data := await stream.receive_some():
+            buf += data
+    except trio.BrokenResourceError:
+        pass
+    return bytes(buf), trio.current_time()
+
+
+async def test_websocket_listener_cuts_a_dribbled_upgrade_at_the_handshake_timeout(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="revdial")
+    server = revdial.Server(revdial.token_authorizer(token="s3cret"),
+                            limits=revdial.Limits(handshake_timeout=10.0))
+    server_end, client_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        t0 = trio.current_time()
+        nursery.start_soon(server._serve_stream, server_end, "slow-peer")
+        nursery.start_soon(dribble, client_end, UPGRADE, 1.0)  # 240 bytes: 240 s
+        answer, closed_at = await read_until_closed(client_end)
+        nursery.cancel_scope.cancel()
+    assert answer == b""  # no 101, no session: closed, as Go's server does
+    assert closed_at - t0 == 10.0
+    assert server.statistics().sessions == 0
+    assert "slow-peer: no WebSocket handshake within 10 s" in caplog.text
+
+
+async def test_websocket_listener_accepts_an_upgrade_sent_slowly_within_the_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The bound is the handshake's, not the pace: a slow link that makes it is served."""
+    server = revdial.Server(revdial.token_authorizer(token="s3cret"),
+                            limits=revdial.Limits(handshake_timeout=10.0))
+    server_end, client_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server._serve_stream, server_end, "slow-peer")
+        await dribble(client_end, UPGRADE, 9.0 / len(UPGRADE))
+        buf = bytearray()
+        while b"\r\n\r\n" not in buf:
+            buf += await client_end.receive_some()
+        assert buf.startswith(b"HTTP/1.1 101 ")
+        await server.wait_client("slow")
+        nursery.cancel_scope.cancel()
+
+
+async def _serve_front_door(nursery: trio.Nursery) -> trio.abc.Stream:
+    server = revdial.Server(revdial.token_authorizer(token="agents"))  # no agent connects
+    front_door = revdial.FrontDoor(server, revdial.UserTokens({"user-tok": "*"}),
+                                   limits=ProxyLimits(header_timeout=10.0, idle_timeout=90.0))
+    client, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(front_door.handle, server_side)
+    return client
+
+
+async def test_front_door_answers_408_to_a_dribbled_head(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="revdial")
+    async with trio.open_nursery() as nursery:
+        client = await _serve_front_door(nursery)
+        await trio.sleep(60)  # the wait for a first byte is idle_timeout's (90 s)
+        t0 = trio.current_time()
+        nursery.start_soon(dribble, client, HEAD, 1.0)
+        answer, closed_at = await read_until_closed(client)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert answer.endswith(b"request head not received in time\n")
+    assert closed_at - t0 == 10.0
+    assert "request head not complete 10 s after its first byte -> 408" in caplog.text
+
+
+async def test_front_door_serves_a_head_that_ends_in_time(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        client = await _serve_front_door(nursery)
+        await trio.sleep(60)
+        await dribble(client, HEAD, 9.5 / len(HEAD))  # slow, but within 10 s
+        answer, _ = await read_until_closed(client)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 401 "), answer  # parsed and routed: no bearer token
+
+
+async def test_front_door_head_clock_starts_at_the_heads_first_byte(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Blank lines between requests (ignored, RFC 9112 2.2) do not start the
+    clock; the head's own first byte does."""
+    async with trio.open_nursery() as nursery:
+        client = await _serve_front_door(nursery)
+        await client.send_all(b"\r\n")
+        await trio.sleep(30)
+        t0 = trio.current_time()
+        nursery.start_soon(dribble, client, HEAD, 2.0)
+        answer, closed_at = await read_until_closed(client)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert closed_at - t0 == 10.0
+
+
+async def test_agent_proxy_answers_408_to_a_dribbled_head(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def never(*_: object) -> trio.abc.Stream:
+        raise AssertionError("no request reaches the upstream")
+
+    proxy = revdial.ReverseProxy("http://127.0.0.1:1", connect=never,
+                                 limits=ProxyLimits(header_timeout=5.0))
+    async with proxy, trio.open_nursery() as nursery:
+        client, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(proxy, server_side)
+        t0 = trio.current_time()
+        nursery.start_soon(dribble, client, HEAD, 0.5)
+        answer, closed_at = await read_until_closed(client)
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert closed_at - t0 == 5.0
+
+
+def test_header_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="timeouts must be positive"):
+        ProxyLimits(header_timeout=0)
