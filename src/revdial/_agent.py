@@ -493,7 +493,8 @@ def make_connect_handler(
         stream.session.dial_succeeded(stream)
         failure: TunnelError | None = None
         try:
-            await splice(stream, local, read_size=limits.read_size)
+            await splice(stream, local, read_size=limits.read_size,
+                         idle_timeout=limits.idle_stream_timeout)
         except TunnelError as exc:
             failure = exc
         finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import trio
 from ._agent import Agent, AllowPolicy, make_ssl_context, split_host_port
 from ._errors import DialError, RevdialError, TunnelError, exception_leaves
 from ._frontdoor import FrontDoor, UserTokensFile, make_kubeconfig
+from ._limits import DEFAULT_LIMITS
 from ._logs import configure_logging
 from ._metrics import DEFAULT_CLIENT_SERIES
 from ._monitor import Monitor
@@ -66,6 +68,30 @@ def _listen_address(text: str) -> tuple[str, int]:
         return split_host_port(text, allow_zero=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _non_negative_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a finite number >= 0")
+    return value
+
+
+def _idle_stream_timeout_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--idle-stream-timeout", type=_non_negative_seconds, metavar="SECONDS",
+                        default=DEFAULT_LIMITS.idle_stream_timeout,
+                        help=f"reset {what} with no data either way for this long "
+                        "(default: 0, never)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -136,7 +162,17 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="serve the HTTP front door here: /k8s/clusters/KEY/... and "
                      "/client/KEY/http/HOST[:PORT]/... (HTTPS with --tls-cert/--tls-key)")
     srv.add_argument("--user-tokens", metavar="FILE",
-                     help="front-door users: lines of 'TOKEN CLIENT_KEY[,KEY...]' or 'TOKEN *'")
+                     help="front-door users: lines of 'TOKEN CLIENT_KEY[,KEY...] "
+                     "[user=NAME] [groups=G1,G2]' ('*' for every client key)")
+    srv.add_argument("--max-sessions", type=_positive_int, metavar="N",
+                     default=DEFAULT_LIMITS.max_sessions,
+                     help="agent sessions at once; more are refused with 503 "
+                     f"(default: {DEFAULT_LIMITS.max_sessions})")
+    srv.add_argument("--max-sessions-per-client", type=_positive_int, metavar="N",
+                     default=DEFAULT_LIMITS.max_sessions_per_client,
+                     help="sessions one client key may hold at once; more are refused "
+                     f"with 503 (default: {DEFAULT_LIMITS.max_sessions_per_client})")
+    _idle_stream_timeout_option(srv, "a --forward connection")
     srv.add_argument("--metrics-listen", type=_listen_address, metavar="HOST:PORT",
                      help="serve /metrics (Prometheus), /healthz, /readyz and /clients over "
                      "plain HTTP here (off by default; it lists connected clients, so keep "
@@ -174,6 +210,11 @@ def _build_parser() -> argparse.ArgumentParser:
                      "or unix:PATH (repeatable; nothing is allowed by default)")
     agt.add_argument("--allow-all", action="store_true",
                      help="let the server dial anything this host can reach")
+    agt.add_argument("--max-pending-dials", type=_positive_int, metavar="N",
+                     default=DEFAULT_LIMITS.max_pending_dials,
+                     help="dials in progress at once; more Connects are refused at once "
+                     f"(default: {DEFAULT_LIMITS.max_pending_dials})")
+    _idle_stream_timeout_option(agt, "a dialled connection")
     agt.add_argument("--ca-file", metavar="FILE", help="trust only this CA for wss://")
     agt.add_argument("--ca-checksum", metavar="SHA256",
                      help="refuse to start unless --ca-file has this SHA-256 checksum")
@@ -275,7 +316,8 @@ async def _serve_forward(server: Server, fwd: Forward, read_size: int,
         try:
             # A failure of the tunnel resets the client's connection (never a
             # clean FIN that would pass a truncated transfer off as complete).
-            await splice(tunnel, local, read_size=read_size)
+            await splice(tunnel, local, read_size=read_size,
+                         idle_timeout=server.limits.idle_stream_timeout)
         except TunnelError as exc:  # a DialError too: the client may have sent data
             log.warning("forward %s: connection reset: %s", fwd, exc)
         except Exception:
@@ -301,7 +343,13 @@ def _server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
 async def _cmd_server(args: argparse.Namespace) -> None:
     authorize = _server_authorizer(args)
     ssl_context = _server_ssl(args)
-    server = Server(authorize, path=args.path, ssl_context=ssl_context)
+    limits = dataclasses.replace(
+        DEFAULT_LIMITS,
+        max_sessions=args.max_sessions,
+        max_sessions_per_client=args.max_sessions_per_client,
+        idle_stream_timeout=args.idle_stream_timeout,
+    )
+    server = Server(authorize, path=args.path, ssl_context=ssl_context, limits=limits)
     front_door = _front_door(args, server, ssl_context)
     host, port = args.listen
     started = False
@@ -338,7 +386,8 @@ def _front_door(
         return None
     if not args.user_tokens:
         raise SystemExit("revdial server: refusing to serve --http-listen without "
-                         "--user-tokens FILE (lines of 'TOKEN CLIENT_KEY[,KEY...]' or 'TOKEN *')")
+                         "--user-tokens FILE (lines of 'TOKEN CLIENT_KEY[,KEY...] "
+                         "[user=NAME] [groups=G1,G2]', '*' for every client key)")
     try:
         users = UserTokensFile(args.user_tokens)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
@@ -362,8 +411,13 @@ async def _cmd_agent(args: argparse.Namespace) -> None:
         )
         proxy = _reverse_proxy(args)
         services = {PROXY_TARGET: proxy} if proxy is not None else None
+        limits = dataclasses.replace(
+            DEFAULT_LIMITS,
+            max_pending_dials=args.max_pending_dials,
+            idle_stream_timeout=args.idle_stream_timeout,
+        )
         agent = Agent(args.server, headers=headers, allow=policy, ssl_context=ssl_context,
-                      services=services)
+                      services=services, limits=limits)
     except (ValueError, OSError, ssl.SSLError) as exc:
         raise SystemExit(f"revdial agent: {exc}") from None
     try:

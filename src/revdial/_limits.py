@@ -10,7 +10,8 @@ Memory bound that follows from the defaults (see README, "Limits"):
   (``max_message_size``) and a bounded outbox (``outbox_bytes`` of bulk Data,
   as much again of small frames, plus ``max_control_frames`` control frames);
 * per server: ``max_sessions`` sessions (16,384: ~340 MiB of RSS while idle,
-  ~21 KiB each), at most ``max_concurrent_handshakes`` of them handshaking.
+  ~21 KiB each), at most ``max_sessions_per_client`` (32) for one client key,
+  at most ``max_concurrent_handshakes`` of them handshaking.
 """
 
 from __future__ import annotations
@@ -78,6 +79,14 @@ class Limits:
     #: with room for the active ones' buffers (bounded per session above). It
     #: also needs as many file descriptors: raise ``ulimit -n`` to match.
     max_sessions: int = 16384
+    #: Sessions one client key may hold at once; the next is refused with 503
+    #: (and a warning is logged). Several sessions per key are normal -- an
+    #: agent with replicas, or one reconnecting before the server noticed its
+    #: old session die (up to ``ping_timeout`` later) -- but one key, its
+    #: token leaked or its agent looping, must not take the whole
+    #: ``max_sessions`` budget from every other cluster. 32 leaves room for
+    #: any sane deployment.
+    max_sessions_per_client: int = 32
     #: Agents ping this often (Go: 5 s). Servers do not ping (as Go): they
     #: watch the agents' pings arrive. Only one side pinging means only one
     #: side's reader ever writes (pongs), so two writers blocked on each
@@ -121,6 +130,14 @@ class Limits:
     max_concurrent_handshakes: int = 32
     #: Graceful part of closing a session before it is closed forcefully.
     close_timeout: float = 2.0
+    #: A spliced connection (``revdial server --forward``, the agent's dialled
+    #: targets) with no byte in either direction for this long is reset on
+    #: both sides, with ``revdial: idle for N s`` as the reason. ``0`` (the
+    #: default) disables it: quiet connections -- an ssh session, a database
+    #: pool's spare connections -- are legitimate, Go's remotedialer has no
+    #: such timeout, and every stream is already bounded in memory; set it
+    #: where idle connections should not hold a file descriptor for ever.
+    idle_stream_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.stream_low_water < self.stream_high_water < self.stream_max_buffer:
@@ -132,8 +149,14 @@ class Limits:
             raise ValueError("frame, read and outbox sizes must be positive")
         if self.small_frame_bytes < 0 or self.small_frame_budget <= 0:
             raise ValueError("small_frame_bytes must be >= 0 and small_frame_budget > 0")
-        if self.max_sessions <= 0 or self.max_concurrent_handshakes <= 0:
-            raise ValueError("max_sessions and max_concurrent_handshakes must be positive")
+        if min(self.max_sessions, self.max_sessions_per_client,
+               self.max_concurrent_handshakes, self.max_streams, self.max_pending_dials,
+               self.max_message_size) <= 0:
+            raise ValueError("max_sessions, max_sessions_per_client, max_concurrent_handshakes, "
+                             "max_streams, max_pending_dials and max_message_size must be "
+                             "positive")
+        if self.idle_stream_timeout < 0 or self.handshake_timeout <= 0:
+            raise ValueError("idle_stream_timeout must be >= 0 and handshake_timeout positive")
         if self.ping_interval <= 0 or self.ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
 

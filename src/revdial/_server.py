@@ -144,6 +144,10 @@ class Server:
         #: Opening handshakes in progress at once (``Limits.max_concurrent_handshakes``);
         #: connections beyond it wait, unread, within their ``handshake_timeout``.
         self._handshakes = trio.CapacityLimiter(limits.max_concurrent_handshakes)
+        #: Authorized handshakes not yet registered, by client key: they count
+        #: against ``max_sessions`` and ``max_sessions_per_client`` already,
+        #: so concurrent upgrades cannot overshoot either.
+        self._reserved: dict[str, int] = {}
         #: Bound ``(host, port)`` pairs once :meth:`serve` has started.
         self.addresses: list[tuple[str, int]] = []
 
@@ -312,11 +316,16 @@ class Server:
     ) -> None:
         # The handshake's objects (the request, its headers) live in
         # _open_session's frame only, not for the whole session.
-        session = await self._open_session(nursery, transport, peer)
+        reserved: list[str] = []  # the client key holding a place while upgrading
+        try:
+            session = await self._open_session(nursery, transport, peer, reserved)
+        finally:
+            for key in reserved:
+                self._release(key)
         if session is None:
             return
         client_key = session.client_key
-        self._register(session)
+        self._register(session)  # no checkpoint since _release: the counts stay exact
         fields = {"session_id": session.id, "client_key": client_key, "remote": peer}
         log.info(
             "session %s: client %r connected from %s (%s)",
@@ -354,7 +363,7 @@ class Server:
             )
 
     async def _open_session(
-        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str]
     ) -> Session | None:
         """The WebSocket handshake, authorization and 101: a Session, or None
         once the request was refused or timed out (logged).
@@ -370,7 +379,7 @@ class Server:
         with trio.move_on_after(limits.handshake_timeout):
             async with slots:
                 got_slot = True
-                return await self._upgrade(nursery, transport, peer)
+                return await self._upgrade(nursery, transport, peer, reserved)
         if got_slot:
             log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
                      limits.handshake_timeout)
@@ -384,7 +393,7 @@ class Server:
         return None
 
     async def _upgrade(
-        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str]
     ) -> Session | None:
         limits = self.limits
         request = await wrap_server_stream(
@@ -396,6 +405,8 @@ class Server:
         client_key = await self._check_request(request, peer)
         if client_key is None:
             return None
+        reserved.append(client_key)  # the caller releases it
+        self._reserved[client_key] = self._reserved.get(client_key, 0) + 1
         offer = next(
             (v.decode("latin-1") for k, v in request.headers
              if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
@@ -449,12 +460,28 @@ class Server:
             self._count_rejection(401)
             await request.reject(401, body=b"failed authentication\n")
             return None
-        if sum(len(g) for g in self._sessions.values()) >= self.limits.max_sessions:
+        key = str(key)
+        total = sum(len(g) for g in self._sessions.values()) + sum(self._reserved.values())
+        if total >= self.limits.max_sessions:
             log.warning("connection from %s: session limit reached -> 503", peer)
             self._count_rejection(503)
             await request.reject(503, body=b"too many sessions\n")
             return None
-        return str(key)
+        mine = len(self._sessions.get(key, ())) + self._reserved.get(key, 0)
+        if mine >= self.limits.max_sessions_per_client:
+            log.warning("connection from %s: client %r already has %d sessions "
+                        "(max_sessions_per_client) -> 503", peer, key, mine)
+            self._count_rejection(503)
+            await request.reject(503, body=b"too many sessions for this client key\n")
+            return None
+        return key
+
+    def _release(self, client_key: str) -> None:
+        left = self._reserved[client_key] - 1
+        if left:
+            self._reserved[client_key] = left
+        else:
+            del self._reserved[client_key]
 
     def _count_rejection(self, status: int) -> None:
         self._rejected[status] = self._rejected.get(status, 0) + 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import socket
 import struct
@@ -34,6 +35,8 @@ from ._errors import TunnelError
 from ._stream import TunnelStream
 
 __all__ = ["ABORT_REASON", "abort", "splice"]
+
+log = logging.getLogger("revdial")
 
 #: The Error text :func:`abort` sends on a tunnel stream when given no reason.
 ABORT_REASON = "revdial: connection aborted"
@@ -91,7 +94,9 @@ def direct_writer(local: trio.abc.Stream) -> Callable[[bytes], int] | None:
     return None if fd is None else functools.partial(os.write, fd)
 
 
-async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int) -> None:
+async def splice(
+    tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int, idle_timeout: float = 0.0
+) -> None:
     """Copy bytes both ways until both directions end, then close both.
 
     With the revdial extension (``tunnel.supports_half_close``) and a local
@@ -116,16 +121,26 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
     peer learns why. On cancellation both sides are aborted and
     :class:`trio.Cancelled` propagates (the tunnel's failure, if it failed
     first, is still in :attr:`TunnelStream.error`).
+
+    ``idle_timeout`` (seconds, ``0``: none): when no byte has moved either way
+    for that long, both sides are aborted -- the tunnel stream with the reason
+    ``revdial: idle for N s`` -- and the splice returns (logged at info).
     """
     half = tunnel.supports_half_close and isinstance(local, trio.abc.HalfCloseableStream)
     local_error: str | None = None
     tunnel_error: TunnelError | None = None
     orderly = False
+    idle = trio.CancelScope()
+
+    def active() -> None:
+        if idle_timeout:
+            idle.deadline = trio.current_time() + idle_timeout
 
     async def tunnel_to_local() -> None:
         nonlocal local_error, tunnel_error
         try:
             while data := await tunnel.receive_some():
+                active()
                 await local.send_all(data)
             if half and not tunnel.peer_closed:
                 # The peer half-closed: pass the EOF on, keep the other way open.
@@ -145,6 +160,7 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
                 await direct_reads(fd)
             else:
                 while data := await local.receive_some(read_size):
+                    active()
                     await tunnel.send_all(data)
             if half:
                 await tunnel.send_eof()
@@ -183,6 +199,7 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
                 raise trio.BrokenResourceError(exc) from exc
             if not data:
                 return
+            active()
             full = len(data) >= read_size
             if not send_nowait(data):
                 await tunnel.send_all(data)
@@ -190,13 +207,27 @@ async def splice(tunnel: TunnelStream, local: trio.abc.Stream, *, read_size: int
     fd = _socket_fd(local)
     # While tunnel_to_local waits with nothing buffered, the session writes
     # what arrives for the tunnel straight to local's socket (TunnelStream._feed).
-    tunnel._sink = direct_writer(local)
+    sink = direct_writer(local)
+    if sink is not None and idle_timeout:
+        write = sink
+
+        def sink(data: bytes) -> int:  # bytes written straight count as activity too
+            active()
+            return write(data)
+
+    tunnel._sink = sink
     try:
-        async with trio.open_nursery() as nursery:
-            # One direction in this task, one child: a task less per stream
-            # matters when an agent holds tens of thousands of idle streams.
-            nursery.start_soon(local_to_tunnel)
-            await tunnel_to_local()
+        active()
+        with idle:
+            async with trio.open_nursery() as nursery:
+                # One direction in this task, one child: a task less per stream
+                # matters when an agent holds tens of thousands of idle streams.
+                nursery.start_soon(local_to_tunnel)
+                await tunnel_to_local()
+        if idle.cancelled_caught:
+            local_error = f"revdial: idle for {idle_timeout:g} s"
+            log.info("connection %s: no data either way for %g s, reset",
+                     tunnel.target, idle_timeout)
         orderly = tunnel_error is None and local_error is None and tunnel.error is None
     finally:
         tunnel._sink = None  # before local's descriptor is closed
