@@ -52,7 +52,9 @@ async def _connect(
         if rejected:
             task_status.started((rejected[0].status_code, rejected[0].body))
 
-    return cast(Any, await nursery.start(client))
+    result: trio_websocket.WebSocketConnection | tuple[int, bytes | None] = (
+        await nursery.start(client))
+    return result
 
 
 async def test_sessions_per_client_key_are_bounded(
@@ -108,6 +110,7 @@ async def test_a_message_over_max_message_size_ends_only_its_session(
         await hostile.send_message(bytes(64 * 1024 + 1))  # one byte over
         with pytest.raises(trio_websocket.ConnectionClosed) as info:
             await hostile.get_message()
+        assert info.value.reason is not None
         assert info.value.reason.code == 1009  # MESSAGE_TOO_BIG
         await trio.testing.wait_all_tasks_blocked()
         assert server.clients() == ["good"]
