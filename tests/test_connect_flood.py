@@ -74,16 +74,20 @@ async def test_blackholed_flood_is_bounded_by_max_pending_dials(
                 outcomes.append("timeout")
 
         t0 = trio.current_time()
-        for _ in range(1000):
+        for _ in range(10_000):
             nursery.start_soon(dial)
         await trio.testing.wait_all_tasks_blocked()
         # Only max_pending_dials dials wait on the target; the rest are refused at once.
         assert trio.current_time() == t0
         assert p.client.statistics().streams == LIMITS.max_pending_dials
-        assert len(outcomes) == 1000 - LIMITS.max_pending_dials
+        assert len(outcomes) == 10_000 - LIMITS.max_pending_dials
         assert set(outcomes) == {
             f"refused: revdial: too many dials in progress ({LIMITS.max_pending_dials})"
         }
+        # The session is up and holds nothing for the refused ones.
+        assert p.server.is_open
+        assert p.client.is_open
+        assert p.server.statistics().streams == LIMITS.max_pending_dials
         # At the dial timeout the waiting ones fail, freeing the slots for new dials.
         await trio.sleep(LIMITS.dial_timeout + 1)
         assert outcomes.count("timeout") == LIMITS.max_pending_dials
