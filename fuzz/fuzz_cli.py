@@ -15,7 +15,9 @@ Invariants:
   an exception: the agent asks it about what a server sends), allows exactly
   the ``HOST:PORT`` it was given, and ``*`` widens only its own field;
 * errors about a token file name the file and line but never echo the line,
-  which holds a secret.
+  which holds a secret; an identity read from a user-token file (``user=``,
+  ``groups=``) always makes header values h11 accepts, so no file can inject
+  a header into what the front door sends upstream.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+import h11
 from hypothesis import given
 from hypothesis import strategies as st
 
 from fuzz import FuzzRun, fuzz_settings, main
 from revdial._agent import AllowPolicy, split_host_port
 from revdial._cli import parse_forward, read_tokens_file
-from revdial._frontdoor import read_user_tokens
+from revdial._frontdoor import read_user_tokens, upstream_headers
 
 _ALPHABET = st.sampled_from([*"0123456789abcxyz.-_:[]*/=,# \t", "::1", "127.0.0.1", "²",
                              "\u0661", "\x00", "é"])
@@ -100,7 +103,7 @@ def check_token_file(content: str) -> None:
             f.write(content)
         for reader in (read_tokens_file, read_user_tokens):
             try:
-                reader(path)
+                result = reader(path)
             except ValueError as exc:
                 message = str(exc)
                 assert message.startswith(path), message
@@ -110,6 +113,10 @@ def check_token_file(content: str) -> None:
                         assert secret not in message, "a token file line was echoed"
             except UnicodeDecodeError:
                 pass  # not UTF-8: reported by the caller as an OSError-like failure
+            else:
+                for grant in getattr(result, "_grants", ()):
+                    headers = upstream_headers([], b"up", grant.identity)
+                    h11.Request(method="GET", target="/", headers=headers)  # valid or raises
     finally:
         os.unlink(path)
 
@@ -121,8 +128,13 @@ def build(run: FuzzRun) -> Callable[[], None]:
         spec=st.one_of(texts, st.builds(lambda a, k, t: f"{a}={k}/{t}", texts, texts, texts)),
         patterns=st.lists(texts, max_size=4),
         proto=st.sampled_from(["tcp", "tcp4", "tcp6", "unix", "udp", "", "TCP"]),
-        lines=st.lists(st.one_of(texts, st.builds(lambda a, b: f"{a} {b}", texts, texts)),
-                       max_size=4),
+        lines=st.lists(st.one_of(
+            texts,
+            st.builds(lambda a, b: f"{a} {b}", texts, texts),
+            st.builds(lambda a, b, u, g: f"{a} {b} user={u} groups={g}", texts, texts, texts,
+                      texts),
+            st.builds(lambda a, b, c: f"{a} {b} {c}", texts, texts, texts),
+        ), max_size=4),
     )
     def test(address: str, spec: str, patterns: list[str], proto: str,
              lines: list[str]) -> None:
