@@ -49,6 +49,8 @@ Answers of the front door itself
 403    the token may not reach that client key, or the request carries
        ``Impersonate-*`` headers
 404    a path that is neither route
+408    a request head not complete ``ProxyLimits.header_timeout`` after
+       its first byte (slow-loris)
 503    the client key has no connected agent (the body says so)
 502    the agent refused the dial (no ``--upstream``, or ``--allow``
        does not permit the target) or could not reach the target
