@@ -11,7 +11,10 @@ test_state.py and test_session.py.) Memory streams and a MockClock.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -20,6 +23,7 @@ import trio.testing
 import trio_websocket
 
 import revdial
+import revdial._splice as splice_module
 from revdial._cli import _build_parser as build_parser
 from revdial._limits import DEFAULT_LIMITS
 from revdial.testing import FakeNetwork
@@ -210,3 +214,47 @@ def test_cli_limit_flags() -> None:
                 ["--idle-stream-timeout", "nan"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["server", "--listen", "127.0.0.1:1", *bad])
+
+
+async def test_idle_stream_timeout_counts_direct_socket_io(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a plain socket the splice's bytes can bypass its loops (the session's
+    reader writes them, ``direct_reads`` reads them): they count as activity
+    too. A unix socketpair, whose transfers the kernel completes at once."""
+    direct_writes: list[int] = []
+    real = splice_module.direct_writer
+
+    def counting(local: trio.abc.Stream) -> Callable[[bytes], int] | None:
+        sink = real(local)
+        assert sink is not None
+
+        def write(data: bytes) -> int:
+            direct_writes.append(len(data))
+            return sink(data)
+
+        return write
+
+    monkeypatch.setattr(splice_module, "direct_writer", counting)
+    a, b = socket.socketpair()
+    local = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    peer = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    async with open_pair(extensions=1) as p, peer, trio.open_nursery() as nursery:
+        ours, agent = await p.open()
+        nursery.start_soon(functools.partial(revdial.splice, ours, local, read_size=65536,
+                                             idle_timeout=60.0))
+        for _ in range(3):  # only tunnel -> socket, every 50 s
+            await trio.sleep(50)
+            await agent.send_all(b"x")
+            assert await peer.receive_some() == b"x"
+        for _ in range(3):  # only socket -> tunnel, every 50 s
+            await trio.sleep(50)
+            await peer.send_all(b"y")
+            assert await agent.receive_some() == b"y"
+        quiet_since = trio.current_time()
+        with pytest.raises(revdial.StreamResetError, match="idle for 60 s"):
+            await agent.receive_some()
+        assert trio.current_time() - quiet_since == 60.0
+        # Aborted (a unix socket has no reset: its peer reads EOF; TCP gets an RST).
+        assert await peer.receive_some() == b""
+    assert direct_writes == [1, 1, 1]
