@@ -96,6 +96,7 @@ def test_user_tokens_file_with_identities(tmp_path: Path) -> None:
     ("secret-tok-1 c1 user=", "user name"),
     ("secret-tok-1 c1 user=al\u00efce", "user name"),
     ("secret-tok-1 c1 role=admin", "expected"),
+    ("secret-tok-1 user=alice", "expected"),  # the client keys were forgotten
     ("secret-tok-1 c1 user=a user=b", "expected"),
     ("secret-tok-1 c1 user=alice\nsecret-tok-1 c2 user=bob", "second, different identity"),
 ])

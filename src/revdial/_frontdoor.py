@@ -239,7 +239,7 @@ def read_user_tokens(path: str | os.PathLike[str]) -> UserTokens:
             where = f"{path}:{lineno}"
             parts = line.split()
             keys = [k for k in parts[1].split(",") if k] if len(parts) >= 2 else []
-            if not keys:
+            if not keys or parts[1].startswith(("user=", "groups=")):
                 raise ValueError(f"{where}: {_FILE_FORMAT}")
             fields: dict[str, str] = {}
             for part in parts[2:]:
