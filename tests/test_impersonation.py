@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -245,3 +247,42 @@ async def test_token_file_changes_apply_to_the_next_request(cluster: Cluster,
         path.write_text(f"{BOB} c1 user=alice groups=viewers\n")
         assert (await _get(cluster, PODS, BOB))[0] == 200
     assert cluster.api.requests_as[-1][0] == "alice"
+
+
+async def test_standin_command_line_serves_with_an_rbac_file(tmp_path: Path) -> None:
+    """``python -m revdial._standin --rbac FILE``, as the README's walk-through runs it."""
+    rbac = tmp_path / "rbac.json"
+    rbac.write_text(json.dumps({"tokens": {"sa-tok": SA}, "impersonators": [SA],
+                                "rules": {"alice": ["list pods"]}}))
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "revdial._standin", "--port", "0", "--rbac", str(rbac)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    try:
+        with trio.fail_after(20):
+            line = bytearray()
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                assert chunk, "the stand-in exited"
+                line += chunk
+            port = int(line.decode().rsplit(":", 1)[1])
+            async with await HTTPConnection.open("127.0.0.1", port) as conn:
+                pods = "/api/v1/namespaces/default/pods"
+                sa = ("Authorization", "Bearer sa-tok")
+                alice = await conn.request("GET", pods, headers=[sa, ("Impersonate-User", "alice")])
+                bob = await conn.request("GET", pods, headers=[sa, ("Impersonate-User", "bob")])
+        assert alice.status == 200
+        assert [p["metadata"]["name"] for p in alice.json()["items"]] == ["web-0", "web-1"]
+        assert (bob.status, bob.json()["reason"]) == (403, "Forbidden")
+    finally:
+        proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+            await proc.stdout.aclose()
+
+
+def test_standin_rbac_file_errors(tmp_path: Path) -> None:
+    path = tmp_path / "rbac.json"
+    path.write_text('{"rules": {}}')
+    with pytest.raises(ValueError, match="expected"):
+        StandInRBAC.load(str(path))

@@ -140,6 +140,21 @@ class StandInRBAC:
     impersonators: frozenset[str] = frozenset()
     rules: Mapping[str, Iterable[str]] = field(default_factory=dict)
 
+    @classmethod
+    def load(cls, path: str) -> StandInRBAC:
+        """Read ``{"tokens": {TOKEN: USER}, "impersonators": [USER],
+        "rules": {SUBJECT: ["VERB RESOURCE"]}}`` from a JSON file."""
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        try:
+            tokens = {str(k): str(v) for k, v in data["tokens"].items()}
+            impersonators = frozenset(str(u) for u in data.get("impersonators", []))
+            rules = {str(k): [str(r) for r in v] for k, v in data.get("rules", {}).items()}
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise ValueError(f"{path}: expected {{'tokens': {{...}}, 'impersonators': [...], "
+                             f"'rules': {{...}}}} ({type(exc).__name__})") from None
+        return cls(tokens, impersonators, rules)
+
     def authenticate(self, headers: Mapping[str, list[str]]) -> tuple[str, tuple[str, ...]]:
         """``(user, groups)`` the request acts as; raises the 400/401/403 answers."""
         auth = headers.get("authorization", [])
@@ -886,14 +901,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=6443)
     parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this chain")
     parser.add_argument("--tls-key", metavar="FILE")
+    parser.add_argument("--rbac", metavar="FILE",
+                        help="authenticate and authorize (StandInRBAC) as this JSON file says: "
+                        '{"tokens": {TOKEN: USER}, "impersonators": [USER], '
+                        '"rules": {"alice" or "group:NAME": ["list pods", ...]}}')
     args = parser.parse_args(argv)
+    rbac = StandInRBAC.load(args.rbac) if args.rbac else None
     ctx = None
     if args.tls_cert:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.tls_cert, args.tls_key)
 
     async def run() -> None:
-        api = StandInAPIServer(ssl_context=ctx)
+        api = StandInAPIServer(ssl_context=ctx, rbac=rbac)
         api.create_configmap("default", "example", {"hello": "world"})
         api.create_pod("default", "web-0")
         api.create_pod("default", "web-1")
