@@ -21,7 +21,8 @@ connection at the front door) carries HTTP/1.1 requests. Each request is one
 *cycle*:
 
 1. **Head.** The head is read into our own buffer, bounded by
-   ``ProxyLimits.max_header_bytes`` (431 beyond), and checked for framing
+   ``ProxyLimits.max_header_bytes`` (431 beyond) and ``header_timeout``
+   from its first byte (408 beyond: slow-loris), and checked for framing
    that invites request smuggling before h11 sees it: both Content-Length
    and Transfer-Encoding, or Content-Length given twice (even with the same
    value, which h11 would quietly merge), are refused with 400. Then a fresh
@@ -57,6 +58,7 @@ after which the downstream connection is closed cleanly:
 =====  ==========================================================
 400    malformed request, smuggling attempt, bad request-target
 405    ``CONNECT``
+408    request head not complete ``header_timeout`` after its first byte
 431    request head larger than ``max_header_bytes``
 501    a transfer coding other than chunked
 502    upstream refused/unreachable, TLS failure, broken response
