@@ -3,17 +3,20 @@
 On the server's WebSocket listener (``Limits.handshake_timeout`` bounds the
 whole upgrade), on the front door and on the agent's reverse proxy
 (``ProxyLimits.header_timeout`` from a head's first byte to its end, after an
-``idle_timeout`` wait for that first byte). Memory streams and a MockClock:
+``idle_timeout`` wait for that first byte; on HTTPS the TLS handshake too,
+from the connection). Memory streams and a MockClock:
 the times asserted are exact, and no test waits on the wall clock.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 
 import pytest
 import trio
 import trio.testing
+import trustme
 
 import revdial
 from revdial._proxy import ProxyLimits
@@ -161,3 +164,59 @@ async def test_agent_proxy_answers_408_to_a_dribbled_head(
 def test_header_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="timeouts must be positive"):
         ProxyLimits(header_timeout=0)
+
+
+def _tls_front_door() -> tuple[revdial.FrontDoor, ssl.SSLContext]:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("front.example").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    server = revdial.Server(revdial.token_authorizer(token="agents"))
+    front_door = revdial.FrontDoor(server, revdial.UserTokens({"user-tok": "*"}),
+                                   limits=ProxyLimits(header_timeout=10.0),
+                                   ssl_context=server_ctx)
+    return front_door, client_ctx
+
+
+def _client_hello() -> bytes:
+    """The first flight of a real TLS client (a ClientHello), as bytes."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname="front.example")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def test_https_front_door_cuts_a_dribbled_tls_handshake(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="revdial")
+    front_door, _ = _tls_front_door()
+    hello = _client_hello()
+    async with trio.open_nursery() as nursery:
+        client, server_side = trio.testing.memory_stream_pair()
+        t0 = trio.current_time()
+        nursery.start_soon(front_door._accept, server_side, "192.0.2.9")
+        nursery.start_soon(dribble, client, hello, 1.0)  # hundreds of bytes: minutes
+        answer, closed_at = await read_until_closed(client)
+        nursery.cancel_scope.cancel()
+    assert answer == b""  # not even a ServerHello: the ClientHello never ended
+    assert closed_at - t0 == 10.0
+    assert "no TLS handshake from 192.0.2.9 within 10 s, closed" in caplog.text
+
+
+async def test_https_front_door_serves_a_tls_client(autojump_clock: trio.abc.Clock) -> None:
+    front_door, client_ctx = _tls_front_door()
+    async with trio.open_nursery() as nursery:
+        client, server_side = trio.testing.memory_stream_pair()
+        nursery.start_soon(front_door._accept, server_side, "192.0.2.9")
+        tls = trio.SSLStream(client, client_ctx, server_hostname="front.example",
+                             https_compatible=True)
+        await tls.send_all(HEAD)
+        answer = bytearray()
+        while b"\r\n" not in answer:
+            answer += await tls.receive_some()
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 401 ")  # served over TLS: no bearer token

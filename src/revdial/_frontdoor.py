@@ -404,10 +404,29 @@ class FrontDoor:
             client: str | None = str(tcp.socket.getpeername()[0])
         except OSError:
             client = None
-        stream: trio.abc.Stream = tcp
+        await self._accept(tcp, client)
+
+    async def _accept(self, stream: trio.abc.Stream, client: str | None) -> None:
+        """TLS first, if configured: its handshake must end within
+        ``header_timeout`` of the connection (as Go's ``ReadHeaderTimeout``),
+        so a ClientHello dribbled byte by byte holds no connection longer."""
         if self._ssl_context is not None:
-            stream = trio.SSLStream(tcp, self._ssl_context, server_side=True,
-                                    https_compatible=True)
+            tls = trio.SSLStream(stream, self._ssl_context, server_side=True,
+                                 https_compatible=True)
+            timeout = self.limits.header_timeout
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    await tls.do_handshake()
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    log.debug("front door: TLS handshake with %s failed: %s", client or "?", exc)
+                    await trio.aclose_forcefully(stream)
+                    return
+            if scope.cancelled_caught:
+                log.info("front door: no TLS handshake from %s within %g s, closed",
+                         client or "?", timeout)
+                await trio.aclose_forcefully(stream)
+                return
+            stream = tls
         await self.handle(stream, client=client)
 
     async def handle(self, stream: trio.abc.Stream, *, client: str | None = None) -> None:
