@@ -130,17 +130,19 @@ async def splice(
     local_error: str | None = None
     tunnel_error: TunnelError | None = None
     orderly = False
+    # With idle_timeout, every chunk either way moves this scope's deadline;
+    # without, the loops pay one falsy test per chunk and no scope is entered.
     idle = trio.CancelScope()
 
     def active() -> None:
-        if idle_timeout:
-            idle.deadline = trio.current_time() + idle_timeout
+        idle.deadline = trio.current_time() + idle_timeout
 
     async def tunnel_to_local() -> None:
         nonlocal local_error, tunnel_error
         try:
             while data := await tunnel.receive_some():
-                active()
+                if idle_timeout:
+                    active()
                 await local.send_all(data)
             if half and not tunnel.peer_closed:
                 # The peer half-closed: pass the EOF on, keep the other way open.
@@ -160,7 +162,8 @@ async def splice(
                 await direct_reads(fd)
             else:
                 while data := await local.receive_some(read_size):
-                    active()
+                    if idle_timeout:
+                        active()
                     await tunnel.send_all(data)
             if half:
                 await tunnel.send_eof()
@@ -199,7 +202,8 @@ async def splice(
                 raise trio.BrokenResourceError(exc) from exc
             if not data:
                 return
-            active()
+            if idle_timeout:
+                active()
             full = len(data) >= read_size
             if not send_nowait(data):
                 await tunnel.send_all(data)
@@ -217,8 +221,9 @@ async def splice(
 
     tunnel._sink = sink
     try:
-        active()
-        with idle:
+        if idle_timeout:
+            active()
+        with idle if idle_timeout else contextlib.nullcontext():
             async with trio.open_nursery() as nursery:
                 # One direction in this task, one child: a task less per stream
                 # matters when an agent holds tens of thousands of idle streams.
