@@ -1,9 +1,12 @@
 """Where the CPU goes: py-spy samples of a path's processes under a workload.
 
-    python -m benchmarks.profile [--path revdial] [--workload bulk|dial]
+    python -m benchmarks.profile [--path revdial] [--workload bulk|dial|http]
                                  [--direction fwd|rev] [--seconds 5]
 
-``bulk``: one iperf3 stream; ``dial``: sequential connect -> 1-byte echo -> close.
+``bulk``: one iperf3 stream; ``dial``: sequential connect -> 1-byte echo -> close;
+``http``: small keep-alive GETs (``wrk -c50``, as ``benchmarks.smallreq``) from an
+nginx upstream, through ``--path frontdoor`` (front door -> agent proxy) or ``revdial``
+(``--forward``); ``frontdoor-base`` profiles ``$REVDIAL_BASE_SRC``'s front door.
 Writes py-spy's folded stacks to ``results/profile-<path>-<workload>-<dir>-<role>.txt``
 and prints, per process, the hottest functions by own time and by inclusive
 time, as a share of the non-idle samples (``epoll_wait`` in trio's run loop is
@@ -22,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-from ._tunnels import open_tunnel
+from . import smallreq
+from ._tunnels import base_env, open_tunnel
 from ._util import (
     LOOPBACK,
     RESULTS_DIR,
@@ -78,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", default="revdial",
-                        choices=["revdial", "revdial-lib", "wspipe", "relay"])
-    parser.add_argument("--workload", default="bulk", choices=["bulk", "dial"])
+                        choices=["revdial", "revdial-lib", "wspipe", "relay", "frontdoor",
+                                 "frontdoor-base"])
+    parser.add_argument("--workload", default="bulk", choices=["bulk", "dial", "http"])
     parser.add_argument("--direction", default="fwd", choices=["fwd", "rev"])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
@@ -93,7 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     errors: list[BaseException] = []
     with contextlib.ExitStack() as stack:
-        if args.workload == "bulk":
+        headers: list[str] = []
+        url_path = "/version"
+        if args.workload == "http":
+            target = free_port()
+            stack.enter_context(smallreq.nginx(target))
+        elif args.path.startswith("frontdoor"):
+            parser.error("--path frontdoor needs --workload http")
+        elif args.workload == "bulk":
             target = free_port()
             stack.enter_context(running(["iperf3", "-s", "-p", str(target), "-B", LOOPBACK]))
         else:
@@ -101,13 +113,22 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(running(module_cmd("benchmarks.baselines", "echo", "--port",
                                                    str(target))))
         wait_listening(target)
-        tunnel = stack.enter_context(open_tunnel(args.path, [target]))
+        if args.path.startswith("frontdoor"):
+            env = base_env() if args.path == "frontdoor-base" else None
+            tunnel, user = stack.enter_context(smallreq.front_door(target, env=env))
+            headers = [f"Authorization: Bearer {user}"]
+            url_path = f"/k8s/clusters/{smallreq.KEY}/version"
+        else:
+            tunnel = stack.enter_context(open_tunnel(args.path, [target]))
         port = tunnel.ports[0]
 
         def workload() -> None:
             try:
                 if args.workload == "bulk":
                     iperf(port, args.seconds + 3, 1, args.direction == "rev")
+                elif args.workload == "http":
+                    smallreq.wrk(port, url_path, seconds=args.seconds + 3, connections=50,
+                                 headers=headers)
                 else:
                     while not stop.is_set():
                         dial_once(port)
