@@ -299,6 +299,9 @@ _HOP_BY_HOP: Final = frozenset(
 )
 
 
+_HOP_BY_HOP_AND_LENGTH: Final = _HOP_BY_HOP | {b"content-length"}
+
+
 def _comma_tokens(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> list[bytes]:
     tokens: list[bytes] = []
     for n, v in headers:
@@ -317,9 +320,11 @@ def end_to_end_headers(
     redone by h11 on each side).
     """
     items = [(n.lower(), v) for n, v in raw]
-    drop = _HOP_BY_HOP | set(_comma_tokens(items, b"connection"))
-    if not keep_content_length:
-        drop = drop | {b"content-length"}
+    drop = _HOP_BY_HOP if keep_content_length else _HOP_BY_HOP_AND_LENGTH
+    for n, _ in items:
+        if n == b"connection":  # rare in a request or response we forward: no set built
+            drop = drop | set(_comma_tokens(items, b"connection"))
+            break
     return [(n, v) for n, v in items if n not in drop]
 
 
@@ -343,23 +348,42 @@ def with_forwarded(
     Proto and Host are set from what we know; otherwise (the agent, whose
     caller is the authenticated server) values already present are kept.
     """
-    out = [(n, v) for n, v in headers if n != b"x-forwarded-for"]
-    prior = [v for n, v in headers if n == b"x-forwarded-for"]
+    out: list[tuple[bytes, bytes]] = []
+    prior: list[bytes] = []
+    has_proto = has_host = False
+    for n, v in headers:  # one pass: this runs for every request, twice on the front-door path
+        if n == b"x-forwarded-for":
+            prior.append(v)
+            continue
+        if n == b"x-forwarded-proto":
+            if replace:
+                continue
+            has_proto = True
+        elif n == b"x-forwarded-host":
+            if replace:
+                continue
+            has_host = True
+        out.append((n, v))
     chain = b", ".join(prior)
     if client is not None:
         chain = chain + b", " + client.encode() if chain else client.encode()
     if chain:
         out.append((b"x-forwarded-for", chain))
-    for name, value in ((b"x-forwarded-proto", proto.encode()), (b"x-forwarded-host", host)):
-        present = any(n == name for n, _ in out)
-        if replace:
-            out = [(n, v) for n, v in out if n != name]
-        if value is not None and (replace or not present):
-            out.append((name, value))
+    if replace or not has_proto:
+        out.append((b"x-forwarded-proto", proto.encode()))
+    if host is not None and (replace or not has_host):
+        out.append((b"x-forwarded-host", host))
     return out
 
 
 _HEAD_END = re.compile(rb"\n\r?\n")
+
+
+#: A Content-Length or Transfer-Encoding field line (not the request line): the
+#: name as ``bytes.strip()`` would leave it, and the rest of the line.
+_FRAMING_FIELD = re.compile(
+    rb"\n[ \t\x0b\x0c]*(content-length|transfer-encoding)[ \t\x0b\x0c]*:([^\n]*)", re.I
+)
 
 
 def _framing_problem(head: bytes) -> str | None:
@@ -375,14 +399,10 @@ def _framing_problem(head: bytes) -> str | None:
         return "bare CR"
     content_length = 0
     transfer_encoding = False
-    for line in head.split(b"\n")[1:]:
-        name, sep, value = line.partition(b":")
-        if not sep:
-            continue
-        name = name.strip().lower()
-        if name == b"content-length":
+    for name, value in _FRAMING_FIELD.findall(head):
+        if len(name) == 14:  # content-length
             content_length += 1 + value.count(b",")
-        elif name == b"transfer-encoding":
+        else:
             transfer_encoding = True
     if content_length > 1:
         return "duplicate Content-Length"
@@ -808,6 +828,8 @@ class _Pool:
         horizon = now - self.limits.pool_idle_timeout
         for key in list(self._idle):
             conns = self._idle[key]
+            if conns[0].idle_since >= horizon:  # oldest first (put appends): none expired
+                continue
             keep = [c for c in conns if c.idle_since >= horizon]
             if len(keep) != len(conns):
                 dead.extend(c for c in conns if c.idle_since < horizon)
@@ -853,14 +875,19 @@ async def _pipe(a: trio.abc.Stream, b: trio.abc.Stream, read_size: int) -> str |
     return failure
 
 
-def _request_framing(request: h11.Request) -> bytes | None:
-    """The framing header to send upstream, or None for a request without body."""
-    if _comma_tokens(request.headers, b"transfer-encoding"):
-        return b"chunked"
-    for name, value in request.headers:
+def _request_framing(items: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The framing header to send upstream, or None for a request without body.
+
+    ``items``: the request's headers as h11 validated them, names lower-cased
+    (so Transfer-Encoding, if any, is ``chunked``).
+    """
+    length = None
+    for name, value in items:
+        if name == b"transfer-encoding":
+            return b"chunked"
         if name == b"content-length":
-            return value
-    return None
+            length = value
+    return length
 
 
 def _origin_form(target: bytes, method: bytes) -> bytes:
@@ -876,12 +903,16 @@ def _origin_form(target: bytes, method: bytes) -> bytes:
 class _Exchange:
     """One request being forwarded: the shared state of its two pump tasks."""
 
-    def __init__(self, down: _Downstream, up: _Upstream, upgrade: bytes | None) -> None:
+    def __init__(
+        self, down: _Downstream, up: _Upstream, upgrade: bytes | None, deadline: float
+    ) -> None:
         self.down = down
         self.up = up
         self.upgrade = upgrade
         self.error: BaseException | None = None
-        self.scope = trio.CancelScope()
+        #: The response timeout is its deadline (until the response head
+        #: arrives); a client's close or a failure of the request pump cancels it.
+        self.scope = trio.CancelScope(deadline=deadline)
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -1011,23 +1042,23 @@ class HTTPForwarder:
             raise _Answer(405, "CONNECT is not supported",
                           [("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")])
         target = _origin_form(request.target, request.method)
-        raw = list(request.headers.raw_items())
+        items = [(n.lower(), v) for n, v in request.headers.raw_items()]
         upgrade: bytes | None = None
-        if b"upgrade" in _comma_tokens(raw, b"connection"):
-            values = [v for n, v in raw if n.lower() == b"upgrade"]
+        if b"upgrade" in _comma_tokens(items, b"connection"):
+            values = [v for n, v in items if n == b"upgrade"]
             upgrade = b", ".join(values) if values else None
         route = router(
             ProxyRequest(
                 method=request.method,
                 target=target,
-                headers=end_to_end_headers(raw),
+                headers=end_to_end_headers(items),
                 http_version=request.http_version,
                 client=client,
                 scheme=scheme,
             )
         )
         headers = list(route.headers)
-        framing = _request_framing(request)
+        framing = _request_framing(items)
         if framing == b"chunked":
             headers.append((b"transfer-encoding", b"chunked"))
         elif framing is not None:
@@ -1081,7 +1112,7 @@ class HTTPForwarder:
         upgrade: bytes | None,
         may_retry: bool,
     ) -> bool:
-        x = _Exchange(down, up, upgrade)
+        x = _Exchange(down, up, upgrade, trio.current_time() + self.limits.response_timeout)
         keep = False
         done = False
         try:
@@ -1093,10 +1124,6 @@ class HTTPForwarder:
                 if may_retry:
                     raise _Retry from exc
                 raise route.classify(exc) from None
-            # One scope per exchange: the response timeout is its deadline (until
-            # the response head arrives), a client's close or a failure of the
-            # request pump cancels it.
-            x.scope.deadline = trio.current_time() + self.limits.response_timeout
             with x.scope:
                 if has_body:
                     async with trio.open_nursery() as nursery:
