@@ -39,10 +39,12 @@ connection at the front door) carries HTTP/1.1 requests. Each request is one
    The request body is pumped upstream while the response is read, each
    direction in its own task, ``read_size`` bytes at a time, so a body of
    any size passes with flat memory and a chunked response (a watch) is
-   forwarded piece by piece as it arrives. Once the request is complete the
-   downstream is watched for EOF: a client that goes away cancels the
-   exchange (and closes the upstream connection) instead of leaving an idle
-   watch open upstream.
+   forwarded piece by piece as it arrives. One reader task per downstream
+   connection (not per request) reads ahead, bounded by
+   ``max_header_bytes``: once the request is complete it reports EOF, so a
+   client that goes away cancels the exchange (and closes the upstream
+   connection) instead of leaving an idle watch open upstream. Each
+   exchange has one cancel scope, whose deadline is the response timeout.
 4. **Upgrade.** A request with ``Connection: Upgrade`` (WebSocket, SPDY as
    used by ``kubectl exec``/``attach``/``port-forward``) is forwarded with
    its Upgrade header; after the upstream's ``101 Switching Protocols`` the
