@@ -78,6 +78,48 @@ def summarize(path: Path, top: int) -> str:
     return "\n".join(lines)
 
 
+_FORWARDER = ("revdial/_proxy.py", "revdial/_frontdoor.py")
+#: Layers for ``by_layer``, tried in order: (name, leaf only?, substrings). Only
+#: the frames below the innermost forwarder frame count (at the agent the
+#: forwarder itself runs under the session's handler task).
+LAYERS = (
+    ("h11 (parse and write)", False, ("h11/",)),
+    ("tunnel (session, WebSocket, their syscalls)", False,
+     ("trio_websocket/", "wsproto/", "revdial/_session.py", "revdial/_stream.py",
+      "revdial/_frames.py", "revdial/_speedups.py")),
+    ("client/upstream socket syscalls", True, ("_nonblocking_helper", "socket.py")),
+    ("forwarder + front door code", True, _FORWARDER),
+    ("trio (scheduler, cancel scopes, I/O waits)", True, ("trio/", "outcome/")),
+)
+
+
+def by_layer(path: Path) -> str:
+    """Busy samples by layer (first match in ``LAYERS``), as shares."""
+    counts: collections.Counter[str] = collections.Counter()
+    busy = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if any(frames[-1].startswith(leaf) for leaf in IDLE_LEAVES):
+            continue
+        n = int(count)
+        busy += n
+        inner = [i for i, f in enumerate(frames) if any(k in f for k in _FORWARDER)]
+        below = frames[inner[-1]:] if inner else frames
+        for name, leaf_only, keys in LAYERS:
+            hay = below[-1:] if leaf_only else below
+            if any(k in f for f in hay for k in keys):
+                counts[name] += n
+                break
+        else:
+            counts["other (stdlib, abc, typing, ...)"] += n
+    busy = max(busy, 1)
+    return "\n".join([f"{path.name}: by layer, share of {busy} busy samples"] +
+                     [f"    {100 * c / busy:5.1f} %  {name}" for name, c in counts.most_common()])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     for out in outputs.values():
         if out.exists():
             print(summarize(out, args.top))
+            print(by_layer(out))
             print()
     return 0
 
