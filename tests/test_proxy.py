@@ -579,6 +579,39 @@ async def test_upgrade_then_raw_bytes_both_ways() -> None:
     assert seen.get("x-stream-protocol-version") == ["v4.channel.k8s.io"]
 
 
+async def test_upgrade_keeps_bytes_read_ahead_before_the_101() -> None:
+    """Bytes the reader took while the 101 was awaited go upstream first, in order."""
+    request_seen = trio.Event()
+    may_answer = trio.Event()
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await read_request(conn, stream)
+        request_seen.set()
+        await may_answer.wait()
+        await stream.send_all(conn.send(h11.InformationalResponse(status_code=101, headers=[
+            ("Connection", "Upgrade"), ("Upgrade", "websocket")])) or b"")
+        got, _ = conn.trailing_data
+        while len(got) < len(b"client-late+more"):
+            got += await stream.receive_some()
+        assert got == b"client-late+more"
+        await stream.send_all(b"done")
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            client = downstream(nursery, proxy)
+            await client.send_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                                  b"Upgrade: websocket\r\n\r\n")
+            await request_seen.wait()
+            await client.send_all(b"client-late")  # before the 101: the reader takes it
+            await trio.testing.wait_all_tasks_blocked()
+            may_answer.set()
+            head = await receive_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            await client.send_all(b"+more")  # after the 101: the splice takes it
+            assert (await receive_until(client, b"done")).endswith(b"done")
+
+
 async def test_upgrade_refused_by_upstream_is_a_normal_response() -> None:
     async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
         await up.serve_h11(stream, lambda seen, conn: [
