@@ -974,7 +974,8 @@ class HTTPForwarder:
         cancellation both connections are closed. A response that cannot be
         completed (the upstream or the tunnel failed after its head was sent,
         or cancellation in the middle of it) aborts ``stream`` (see
-        :func:`revdial.abort`) instead of closing it.
+        :func:`revdial.abort`) instead of closing it. The connection's reader
+        task runs in a nursery of this call and ends before it returns.
         """
         down = _Downstream(stream, self.limits)
         end = _End()
