@@ -412,6 +412,27 @@ async def test_keep_alive_pools_both_hops(cluster: Cluster) -> None:
     assert cluster.proxy.statistics().connections_opened == 1
 
 
+async def test_keep_alive_over_https(
+    cluster: Cluster, tls: tuple[ssl.SSLContext, ssl.SSLContext]
+) -> None:
+    """The per-connection reader over TLS: requests in a row on one connection."""
+    server_ctx, client_ctx = tls
+    users = revdial.UserTokens({USER: ["c1"]})
+    https = revdial.FrontDoor(cluster.server, users, ssl_context=server_ctx)
+    with trio.fail_after(10):
+        await cluster.nursery.start(https.serve, "127.0.0.1", 0)
+        async with await HTTPConnection.open("127.0.0.1", https.port,
+                                             ssl_context=client_ctx) as conn:
+            for _ in range(5):
+                resp = await conn.request("GET", f"{K8S}/version",
+                                          headers=[("Authorization", f"Bearer {USER}")])
+                assert resp.status == 200
+                assert resp.json()["gitVersion"]
+    stats = https.statistics()
+    assert (stats.requests, stats.connections_opened, stats.active_requests) == (5, 1, 0)
+    await https.aclose()
+
+
 # --- the plain /client route -------------------------------------------------------------
 
 

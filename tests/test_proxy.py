@@ -579,6 +579,39 @@ async def test_upgrade_then_raw_bytes_both_ways() -> None:
     assert seen.get("x-stream-protocol-version") == ["v4.channel.k8s.io"]
 
 
+async def test_upgrade_keeps_bytes_read_ahead_before_the_101() -> None:
+    """Bytes the reader took while the 101 was awaited go upstream first, in order."""
+    request_seen = trio.Event()
+    may_answer = trio.Event()
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await read_request(conn, stream)
+        request_seen.set()
+        await may_answer.wait()
+        await stream.send_all(conn.send(h11.InformationalResponse(status_code=101, headers=[
+            ("Connection", "Upgrade"), ("Upgrade", "websocket")])) or b"")
+        got, _ = conn.trailing_data
+        while len(got) < len(b"client-late+more"):
+            got += await stream.receive_some()
+        assert got == b"client-late+more"
+        await stream.send_all(b"done")
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, _, nursery):
+            client = downstream(nursery, proxy)
+            await client.send_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                                  b"Upgrade: websocket\r\n\r\n")
+            await request_seen.wait()
+            await client.send_all(b"client-late")  # before the 101: the reader takes it
+            await trio.testing.wait_all_tasks_blocked()
+            may_answer.set()
+            head = await receive_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 ")
+            await client.send_all(b"+more")  # after the 101: the splice takes it
+            assert (await receive_until(client, b"done")).endswith(b"done")
+
+
 async def test_upgrade_refused_by_upstream_is_a_normal_response() -> None:
     async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
         await up.serve_h11(stream, lambda seen, conn: [
@@ -968,6 +1001,111 @@ async def test_client_going_away_cancels_the_upstream_request() -> None:
             await trio.testing.wait_all_tasks_blocked()
             stats = proxy.statistics()
             assert (stats.active_requests, stats.idle_connections) == (0, 0)
+
+
+async def test_client_closing_after_its_request_body_cancels_the_exchange() -> None:
+    """The reader reports EOF after a body too: the upstream is closed, not left waiting."""
+    upstream_closed = trio.Event()
+
+    async def silent(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await read_request(conn, stream)  # the whole body, then never answer
+        assert await stream.receive_some() == b""  # closed in order, not aborted
+        upstream_closed.set()
+
+    with trio.fail_after(10):
+        async with open_proxy(silent) as (proxy, up, nursery):
+            client = downstream(nursery, proxy)
+            await client.send_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+            await trio.testing.wait_all_tasks_blocked()
+            assert proxy.statistics().active_requests == 1
+            await client.aclose()
+            await upstream_closed.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            stats = proxy.statistics()
+            assert (stats.active_requests, stats.idle_connections, up.closed) == (0, 0, 1)
+
+
+def _tasks_under(task: trio.lowlevel.Task) -> int:
+    return 1 + sum(_tasks_under(child) for nursery in task.child_nurseries
+                   for child in nursery.child_tasks)
+
+
+async def test_no_task_per_request() -> None:
+    """A kept-alive connection has one reader task; a request adds no task.
+
+    (Spawning and cancelling a task per request to watch the client for EOF
+    cost a fifth of the front door's CPU per small request.)
+    """
+    gate = trio.Event()
+
+    async def gated(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            await read_request(conn, stream)
+            if conn.our_state is h11.SEND_RESPONSE and not gate.is_set():
+                await gate.wait()
+            for event in ok():
+                await stream.send_all(conn.send(event) or b"")
+            conn.start_next_cycle()
+
+    request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    with trio.fail_after(10):
+        async with open_proxy(gated) as (proxy, _, nursery):
+            root = trio.lowlevel.current_root_task()
+            assert root is not None
+            client = downstream(nursery, proxy)
+            await client.send_all(request)
+            await trio.testing.wait_all_tasks_blocked()
+            in_flight = _tasks_under(root)  # a request waits for its response
+            assert proxy.statistics().active_requests == 1
+            gate.set()
+            await receive_until(client, b"ok")
+            await trio.testing.wait_all_tasks_blocked()
+            idle = _tasks_under(root)
+            for _ in range(5):
+                await client.send_all(request)
+                await receive_until(client, b"ok")
+            await trio.testing.wait_all_tasks_blocked()
+            assert in_flight == idle == _tasks_under(root)
+
+
+async def test_read_ahead_is_bounded_while_a_response_is_pending() -> None:
+    """A client pushing bytes while its request waits is held at a bound."""
+    limits = ProxyLimits(max_header_bytes=1024, read_size=4096)
+    release = trio.Event()
+
+    async def slow(up: Upstream, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        await read_request(conn, stream)
+        await release.wait()
+        for event in ok():
+            await stream.send_all(conn.send(event) or b"")
+
+    chunk = b"x" * 512
+    with trio.fail_after(10):
+        async with open_proxy(slow, limits=limits) as (proxy, _, nursery):
+            client = downstream(nursery, proxy, lockstep=True)
+            await client.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            sent = 0
+
+            async def push(task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+                nonlocal sent
+                with trio.CancelScope() as scope:
+                    task_status.started(scope)
+                    while True:
+                        await client.send_all(chunk)
+                        sent += len(chunk)
+
+            pusher = await nursery.start(push)
+            await trio.testing.wait_all_tasks_blocked()
+            # Read ahead: more than one head's worth, at most that plus one read.
+            assert limits.max_header_bytes < sent <= limits.max_header_bytes + limits.read_size
+            assert proxy.statistics().active_requests == 1
+            pusher.cancel()
+            release.set()
+            head = await receive_until(client, b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_cancellation_leaves_statistics_at_zero() -> None:
