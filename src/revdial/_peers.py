@@ -37,7 +37,7 @@ from ._errors import (
 )
 from ._peerstate import PeerSet, split_peer_network
 from ._session import Session
-from ._stream import TunnelStream
+from ._stream import NO_SESSION_PREFIX, TunnelStream
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -64,7 +64,7 @@ SELF_PEER_STATUS = 409
 #: fixed 5 s, and a replica that restarts should get its links back quickly.
 PEER_BACKOFF_MAX = 5.0
 #: The Error text a Go server sends for a dial to a client it does not have.
-NO_SESSION_TEXT = "failed to find Session for client"
+NO_SESSION_TEXT = NO_SESSION_PREFIX
 
 
 def _error_text(exc: BaseException) -> str:

@@ -12,7 +12,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
@@ -727,15 +727,24 @@ async def open_server(
     path: str = "/connect",
     ssl_context: ssl.SSLContext | None = None,
     extensions: bool = True,
+    peer_id: str | None = None,
+    peer_token: str | None = None,
+    peers: Mapping[str, str] | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[Server]:
     """Run a :class:`Server` for the duration of the ``async with`` block.
 
-    On exit every session is closed and every stream fails with
-    :class:`~revdial.SessionLostError`.
+    ``peer_id``/``peer_token`` turn peering on, ``peers`` maps peer ids to
+    their URLs (see :meth:`Server.add_peer`); other keyword arguments go to
+    :class:`Server`. On exit every session and peer link is closed and every
+    stream fails with :class:`~revdial.SessionLostError`.
     """
     server = Server(
-        authorize, limits=limits, path=path, ssl_context=ssl_context, extensions=extensions
+        authorize, limits=limits, path=path, ssl_context=ssl_context, extensions=extensions,
+        peer_id=peer_id, peer_token=peer_token, **kwargs,
     )
+    for pid, url in (peers or {}).items():
+        server.add_peer(pid, url)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
         try:

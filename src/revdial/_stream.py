@@ -16,6 +16,7 @@ from ._errors import (
     DialTimeoutError,
     DialUnreachableError,
     HalfCloseUnsupportedError,
+    NoSuchClientError,
     SessionLostError,
     StreamResetError,
     TunnelError,
@@ -35,12 +36,17 @@ _TIMEOUT_MARKERS = ("i/o timeout", "timed out", "timeout")
 #: A peer's reply to Data for an id it no longer knows: the stream was closed
 #: on that side, not refused.
 _NOT_FOUND_PREFIX = "connection not found"
+#: A Go server's (and a revdial peer's) Error text for a dial to a client it lacks.
+NO_SESSION_PREFIX = "failed to find Session for client"
 
 
 def classify_dial_error(reason: str, client_key: str, target: str) -> DialError:
     """Turn an agent's Error text for a failed dial into a typed DialError."""
     msg = f"dial {target} via client {client_key!r} failed: {reason}"
     kw = {"reason": reason, "client_key": client_key, "target": target}
+    if reason.startswith(NO_SESSION_PREFIX):
+        # A peer server (Go or revdial) no longer holds the client it announced.
+        return NoSuchClientError(msg, **kw)
     if reason.startswith((POLICY_REFUSAL_PREFIX, TOO_MANY_DIALS_PREFIX)) or (
         reason == "connect not allowed"
     ):
