@@ -25,6 +25,10 @@ Metrics (every label has a fixed, small set of values except ``client``)::
     revdial_buffered_bytes                 gauge    received bytes not yet read by the application
     revdial_pauses_total{direction}        counter  Pause frames: sent, received
     revdial_stream_resets_total{cause}     counter  peer, local, overrun, protocol, sync
+    revdial_peers                          gauge    peers registered (--peer, --peers-dns)
+    revdial_peer_links{direction}          gauge    peer WebSockets up: out (ours), in (theirs)
+    revdial_peer_announced_clients         gauge    (client, session) pairs peers announced
+    revdial_peer_announcements_dropped_total  counter  AddClient beyond the per-peer bound
 
 Cardinality: no label ever holds an address or a target. ``client`` holds a
 client key, and only for the first ``max_client_series`` keys in connection
@@ -134,6 +138,27 @@ class ServerCollector(Collector):
         for cause, n in traffic.resets.items():
             resets.add_metric([cause], n)
         yield resets
+        peers = server.peer_statistics()
+        yield GaugeMetricFamily("revdial_peers", "Peer replicas registered (flags and DNS).",
+                                value=peers.configured)
+        links = GaugeMetricFamily(
+            "revdial_peer_links",
+            "Peer WebSockets up: out = our link to a peer, in = a peer's link to us.",
+            labels=["direction"],
+        )
+        links.add_metric(["out"], peers.links_up)
+        links.add_metric(["in"], peers.sessions_in)
+        yield links
+        yield GaugeMetricFamily(
+            "revdial_peer_announced_clients",
+            "Client sessions (clientKey/sessionKey pairs) the connected peers announced.",
+            value=peers.announced,
+        )
+        yield CounterMetricFamily(
+            "revdial_peer_announcements_dropped",
+            "AddClient announcements dropped because a peer exceeded the bound.",
+            value=peers.announcements_dropped,
+        )
 
 
 def client_report(server: Server) -> list[dict[str, Any]]:
