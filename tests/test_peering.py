@@ -31,6 +31,7 @@ from conftest import (
     wait_until,
     ws_url,
 )
+from revdial._cli import _build_parser, main, parse_peer
 from revdial._frames import Frame, MessageType, decode, encode
 from revdial._peers import relay
 from revdial._peerstate import (
@@ -534,3 +535,43 @@ async def test_relay_passes_errors_hop_by_hop() -> None:
             assert info.value.reason == "dial tcp y:1: connect: connection refused"
         assert s1.statistics().streams == 0
         assert s2.statistics().streams == 0
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "env", "message"),
+    [
+        (["--peer", "a=ws://127.0.0.1:1/connect"], {}, "need --peer-id"),
+        (["--peers-dns", "peers.local:8123"], {}, "need --peer-id"),
+        (["--peer-id", "me"], {}, "needs a peer token"),
+        (["--peer-id", "me", "--peer-token-file", "/nonexistent/peer-token"], {},
+         "--peer-token-file"),
+    ],
+    ids=["peer-without-id", "dns-without-id", "id-without-token", "missing-token-file"],
+)
+def test_server_peering_flags_are_checked(
+    extra: list[str], env: dict[str, str], message: str,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REVDIAL_PEER_TOKEN", raising=False)
+    code = main(["server", "--listen", "127.0.0.1:0", "--token", TOKEN, *extra])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("spec", ["noequals", "a/b=ws://h:1/c", "a=http://h:1/c", "=ws://h:1/c"])
+def test_bad_peer_spec_is_a_usage_error(spec: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        _build_parser().parse_args(["server", "--listen", "127.0.0.1:0", "--peer", spec])
+    assert info.value.code == 2
+
+
+def test_agent_takes_several_servers() -> None:
+    args = _build_parser().parse_args(["agent", "--server", "ws://a:1/connect",
+                                       "--server", "ws://b:1/connect", "--id", "c1"])
+    assert args.server == ["ws://a:1/connect", "ws://b:1/connect"]
+    assert parse_peer("s1=wss://10.0.0.2:8123/connect") == ("s1", "wss://10.0.0.2:8123/connect")
