@@ -9,7 +9,10 @@ for a (Go) peer where the test must control every frame.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,8 +28,10 @@ from conftest import (
     TOKEN,
     Targets,
     echo_roundtrip,
+    free_port,
     open_raw_websocket,
     raw_headers,
+    receive_exactly,
     spawn_agent,
     wait_until,
     ws_url,
@@ -42,6 +47,7 @@ from revdial._peerstate import (
     split_peer_network,
     valid_peer_id,
 )
+from revdial._standin import StandInAPIServer
 from revdial._state import ClientAnnounced, Role, SessionState
 
 PEER_TOKEN = "peer-tok-5d1b-not-in-logs"
@@ -436,9 +442,11 @@ async def test_agent_fails_over_between_server_urls(targets: Targets) -> None:
 
 
 def _closed_port() -> int:
-    from conftest import free_port
-
     return free_port()
+
+
+def free_ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
 
 
 # --- DNS discovery ------------------------------------------------------------------
@@ -575,3 +583,121 @@ def test_agent_takes_several_servers() -> None:
                                        "--server", "ws://b:1/connect", "--id", "c1"])
     assert args.server == ["ws://a:1/connect", "ws://b:1/connect"]
     assert parse_peer("s1=wss://10.0.0.2:8123/connect") == ("s1", "wss://10.0.0.2:8123/connect")
+
+
+# --- more routing and faults ---------------------------------------------------------
+
+
+async def test_half_close_through_a_peer(targets: Targets) -> None:
+    """With the revdial extension on both hops, half-close passes through the relay."""
+    async with peered_servers(2) as (a, b), trio.open_nursery() as nursery:
+        await spawn_agent(nursery, a, targets.allow)
+        await wait_until(lambda: b.has_client(CLIENT_KEY))
+        stream = await b.dial(CLIENT_KEY, "tcp", f"127.0.0.1:{targets.sha_eof}")
+        payload = b"half-closed through a peer" * 4096
+        await stream.send_all(payload)
+        await stream.send_eof()
+        assert await receive_exactly(stream, 32) == hashlib.sha256(payload).digest()
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_front_door_reaches_an_agent_on_a_peer_with_curl() -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    users = revdial.UserTokens({"user-tok-1": [CLIENT_KEY]})
+    async with peered_servers(2) as (a, b), trio.open_nursery() as nursery:
+        api = StandInAPIServer()
+        await nursery.start(api.serve, "127.0.0.1", 0)
+        _, agent_scope = await spawn_agent(nursery, a, [f"127.0.0.1:{api.port}"])
+        await wait_until(lambda: b.has_client(CLIENT_KEY))
+        front_door = revdial.FrontDoor(b, users)
+        await nursery.start(front_door.serve, "127.0.0.1", 0)
+
+        async def get(path: str) -> tuple[int, str]:
+            result = await trio.run_process(
+                [curl, "-sS", "-o", "-", "-w", "\n%{http_code}", "-H",
+                 "Authorization: Bearer user-tok-1", f"http://127.0.0.1:{front_door.port}{path}"],
+                capture_stdout=True, check=True)
+            body, _, code = result.stdout.decode().rpartition("\n")
+            return int(code), body
+
+        with trio.fail_after(20):
+            status, body = await get(f"/client/{CLIENT_KEY}/http/127.0.0.1:{api.port}"
+                                     "/revdial/echo?q=peer")
+            assert status == 200, body
+            assert json.loads(body)["target"] == "/revdial/echo?q=peer"
+            # The agent gone from every replica: the front door says so.
+            agent_scope.cancel()
+            await wait_until(lambda: not b.has_client(CLIENT_KEY))
+            status, body = await get(f"/client/{CLIENT_KEY}/http/127.0.0.1:{api.port}/")
+            assert status == 503, body
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancelled_dial_through_a_peer_leaves_no_entries(targets: Targets) -> None:
+    dialing = trio.Event()
+
+    async def slow(proto: str, address: str) -> trio.abc.Stream:
+        dialing.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async with peered_servers(2) as (a, b), trio.open_nursery() as nursery:
+        await spawn_agent(nursery, a, ["*:*"], dialer=slow)
+        await wait_until(lambda: b.has_client(CLIENT_KEY))
+        with trio.move_on_after(30) as scope:
+            async with trio.open_nursery() as dials:
+                dials.start_soon(b.dial, CLIENT_KEY, "tcp", "10.255.255.1:80")
+                await dialing.wait()
+                dials.cancel_scope.cancel()
+        assert not scope.cancelled_caught
+
+        def streams(server: revdial.Server) -> int:
+            return sum(s.statistics().streams for s in server._peer_in) + sum(
+                link.session.statistics().streams for link in server._links.values()
+                if link.session is not None) + server.statistics().streams
+
+        await wait_until(lambda: streams(a) == 0 and streams(b) == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_links_survive_a_peer_restart(targets: Targets) -> None:
+    """Server B restarts on the same port: A's link comes back and re-announces."""
+    (port,) = free_ports(1)
+    async with trio.open_nursery() as nursery:
+        a = revdial.Server(revdial.token_authorizer(token=TOKEN), peer_id="a",
+                           peer_token=PEER_TOKEN)
+        await nursery.start(a.serve, "127.0.0.1", 0)
+        a.add_peer("b", f"ws://127.0.0.1:{port}/connect")
+        await spawn_agent(nursery, a, targets.allow)
+        for _ in range(2):
+            b = revdial.Server(revdial.token_authorizer(token=TOKEN), peer_id="b",
+                               peer_token=PEER_TOKEN)
+            b_scope = trio.CancelScope()
+
+            async def run_b(b: revdial.Server = b, b_scope: trio.CancelScope = b_scope, *,
+                            task_status: trio.TaskStatus[list[tuple[str, int]]]) -> None:
+                with b_scope:
+                    await b.serve("127.0.0.1", port, task_status=task_status)
+
+            await nursery.start(run_b)
+            with trio.fail_after(20):
+                await b.wait_client(CLIENT_KEY)
+            stream = await b.dial(CLIENT_KEY, "tcp", f"127.0.0.1:{targets.echo}")
+            await echo_roundtrip(stream, b"after a restart")
+            await stream.aclose()
+            b_scope.cancel()
+            await wait_until(lambda: a.peer_statistics().links_up == 0)
+        nursery.cancel_scope.cancel()
+
+
+async def test_peer_sessions_are_bounded() -> None:
+    async with (
+        revdial.open_server(revdial.token_authorizer(token=TOKEN), peer_id="me",
+                            peer_token=PEER_TOKEN, max_peer_sessions=1) as srv,
+        open_raw_websocket(srv.port, peer_headers("p1")),
+    ):
+        await wait_until(lambda: srv.peer_statistics().sessions_in == 1)
+        assert await rejected_status(srv.port, peer_headers("p2")) == 503

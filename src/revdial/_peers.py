@@ -221,14 +221,27 @@ class PeerLink:
         except ValueError as exc:
             stream.close_nowait(str(exc))
             return
-        try:
-            inner = await self.server.dial(client_key, proto, address, local_only=True)
-        except (TunnelError, trio.ClosedResourceError) as exc:
-            log.info("peer %r: forwarded dial to %s/%s via %r failed: %s",
-                     self.peer_id, proto, address, client_key, exc)
-            stream.close_nowait(_error_text(exc))
+        inner: TunnelStream | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def give_up_with_the_peer() -> None:
+                # The peer closed its stream (its caller gave up, or it went
+                # away): stop waiting for our agent; the cancelled dial closes
+                # its stream, so nothing is left in either table.
+                await stream.wait_peer_closed()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(give_up_with_the_peer)
+            try:
+                inner = await self.server.dial(client_key, proto, address, local_only=True)
+            except (TunnelError, trio.ClosedResourceError) as exc:
+                log.info("peer %r: forwarded dial to %s/%s via %r failed: %s",
+                         self.peer_id, proto, address, client_key, exc)
+                stream.close_nowait(_error_text(exc))
+            nursery.cancel_scope.cancel()
+        if inner is None:
             return
-        if stream.peer_closed:  # the peer gave up while we dialled
+        if stream.peer_closed:  # the peer gave up just as the dial succeeded
             inner.close_nowait()
             return
         stream.session.dial_succeeded(stream)

@@ -376,6 +376,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("stream was closed")
             await self._lot.park()
 
+    async def wait_peer_closed(self) -> None:
+        """Wait until the peer closed the stream (orderly or not), the session
+        was lost, or we closed it. Received data stays buffered for
+        :meth:`receive_some`. Cancellation is safe."""
+        await trio.lowlevel.checkpoint()
+        while not (self.peer_closed or self._closed):
+            await self._lot.park()
+
     def fail_dial_timeout(self, timeout: float) -> DialTimeoutError:
         """Give up on the dial after ``timeout`` seconds: close the stream and
         return the error to raise."""
