@@ -21,7 +21,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import TOKEN, echo_handler, serve_target
-from test_cli import free_ports, http_get, revdial_process, wait_echo
+from test_cli import free_ports, http_get, revdial_process, run_revdial, wait_echo
 
 PEER_TOKEN = "peer-tok-3f7a-not-in-logs"
 N = 3
@@ -104,6 +104,13 @@ async def test_three_peered_servers_survive_one_killed(tmp_path: Path) -> None:
             assert values[("revdial_peer_announced_clients", ())] == N - 1
             assert values[("revdial_dials_total", (("result", "ok"),))] >= N
 
+        status = await run_revdial("status", "--server", f"http://127.0.0.1:{metrics[0]}")
+        assert status.returncode == 0, status.stderr
+        text = status.stdout.decode()
+        assert f"peer s1 at {urls[1]}: link up" in text
+        assert "peer s2 from 127.0.0.1:" in text
+        assert "announces 1 clients (a2)" in text
+
         servers[0].process.send_signal(signal.SIGKILL)  # by PID, no goodbye
         with trio.fail_after(10):
             await servers[0].process.wait()
@@ -142,3 +149,22 @@ async def test_three_peered_servers_survive_one_killed(tmp_path: Path) -> None:
         for proc in servers + agents:
             assert PEER_TOKEN not in proc.output()
             assert TOKEN not in proc.output()
+
+
+async def test_peers_dns_from_the_command_line(tmp_path: Path) -> None:
+    """``--peers-dns``: the name is resolved at start-up (the system resolver),
+    this replica's own address is skipped, and /readyz waits for the answer."""
+    listen, metrics = free_ports(2)
+    args = ["--log-level", "debug", "server", "--listen", f"127.0.0.1:{listen}",
+            "--metrics-listen", f"127.0.0.1:{metrics}", "--peer-id", f"127.0.0.1:{listen}",
+            "--peers-dns", f"localhost:{listen}", "--peers-dns-interval", "1"]
+    env = {"REVDIAL_PEER_TOKEN": PEER_TOKEN, "REVDIAL_TOKEN": TOKEN}
+    async with revdial_process(args, tmp_path / "server.log", env) as server:
+        with trio.fail_after(20):
+            while await trio.to_thread.run_sync(readyz_status, metrics) != 200:  # noqa: ASYNC110
+                await trio.sleep(0.05)  # polling another process's state
+        out = server.output()
+        assert "peer discovery: localhost resolved to" in out
+        assert f"127.0.0.1:{listen} found in" not in out  # itself: skipped
+        assert await server.terminate() == 0
+    assert PEER_TOKEN not in server.output()

@@ -586,8 +586,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
         return 0
+    peers = report.get("peers")
     if not sessions:
         sys.stdout.write("no clients connected\n")
+        _write_peers(peers)
         return 0
     rows = [[title for title, _ in STATUS_COLUMNS]]
     for entry in sessions:
@@ -601,7 +603,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
         cells = [c.rjust(w) if i in numeric else c.ljust(w)
                  for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    _write_peers(peers)
     return 0
+
+
+def _write_peers(peers: object) -> None:
+    """The peering part of ``revdial status`` (servers with --peer-id only)."""
+    if not isinstance(peers, dict):
+        return
+    for link in peers.get("links", []):
+        sys.stdout.write(f"peer {link.get('peer_id')} at {link.get('url')}: "
+                         f"link {link.get('state')}\n")
+    for entry in peers.get("incoming", []):
+        keys = entry.get("announced_clients", [])
+        sys.stdout.write(f"peer {entry.get('peer_id')} from {entry.get('remote')}: "
+                         f"announces {len(keys)} clients"
+                         + (f" ({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})"
+                            if keys else "") + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

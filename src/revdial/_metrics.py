@@ -55,7 +55,7 @@ from prometheus_client.registry import Collector
 
 from ._server import Server
 
-__all__ = ["DEFAULT_CLIENT_SERIES", "ServerCollector", "client_report"]
+__all__ = ["DEFAULT_CLIENT_SERIES", "ServerCollector", "client_report", "peer_report"]
 
 #: Per-client ``revdial_client_sessions`` series at most (the first keys connected).
 DEFAULT_CLIENT_SERIES = 50
@@ -159,6 +159,24 @@ class ServerCollector(Collector):
             "AddClient announcements dropped because a peer exceeded the bound.",
             value=peers.announcements_dropped,
         )
+
+
+def peer_report(server: Server) -> dict[str, list[dict[str, Any]]]:
+    """Peering, JSON-ready: ``links`` (ours to each registered peer: ``peer_id``,
+    ``url`` without query or user-info, ``state`` up/down/self) and ``incoming``
+    (each peer's session to us: ``peer_id``, ``remote``, ``session_id``,
+    ``announced_clients``, sorted). No tokens."""
+    links = []
+    for peer_id, link in server._links.items():
+        state = "self" if link.is_self else ("up" if link.session is not None else "down")
+        links.append({"peer_id": peer_id, "url": link.agent._log_url, "state": state})
+    incoming = []
+    for session, table in server._peer_in.items():
+        if session.is_open:
+            incoming.append({"peer_id": session.client_key, "remote": session.remote,
+                             "session_id": session.id,
+                             "announced_clients": sorted(table.clients)})
+    return {"links": links, "incoming": incoming}
 
 
 def client_report(server: Server) -> list[dict[str, Any]]:
