@@ -15,7 +15,7 @@ Metrics (every label has a fixed, small set of values except ``client``)::
     revdial_client_series_omitted          gauge    connected client keys without a series
     revdial_sessions_accepted_total        counter  sessions accepted
     revdial_handshakes_rejected_total{status}  counter  upgrades refused: 400, 401, 404, 503
-    revdial_streams                        gauge    streams open now
+    revdial_streams                        gauge    streams open now (peer links included)
     revdial_dials_total{result}            counter  ok, refused, failed, timeout, no_client,
                                                     cancelled (see revdial._stats.DIAL_RESULTS)
     revdial_dial_seconds                   histogram  Connect to outcome, every dial that
@@ -105,7 +105,8 @@ class ServerCollector(Collector):
         for status in (400, 401, 404, 503):
             rejected.add_metric([str(status)], counters.handshakes_rejected.get(status, 0))
         yield rejected
-        yield GaugeMetricFamily("revdial_streams", "Tunnel streams open now.",
+        yield GaugeMetricFamily("revdial_streams", "Tunnel streams open now (agent sessions "
+                                "and peer links).",
                                 value=stats.streams)
         yield GaugeMetricFamily("revdial_buffered_bytes",
                                 "Received tunnel bytes not yet read by the application.",

@@ -275,8 +275,13 @@ class Server:
         return list(self._sessions.get(client_key, ()))
 
     def statistics(self) -> ServerStatistics:
+        """Agent sessions and clients now; streams and buffered bytes of every
+        session, peer links (both directions) included."""
         sessions = [s for group in self._sessions.values() for s in group]
-        stats = [s.statistics() for s in sessions]
+        carriers = sessions + [s for s in self._peer_in if s.is_open] + [
+            link.session for link in self._links.values() if link.session is not None
+        ]
+        stats = [s.statistics() for s in carriers]
         return ServerStatistics(
             sessions=len(sessions),
             clients=len(self._sessions),
