@@ -14,7 +14,8 @@ Metrics (every label has a fixed, small set of values except ``client``)::
     revdial_client_sessions{client}        gauge    sessions of one client key (bounded, below)
     revdial_client_series_omitted          gauge    connected client keys without a series
     revdial_sessions_accepted_total        counter  sessions accepted
-    revdial_handshakes_rejected_total{status}  counter  upgrades refused: 400, 401, 404, 503
+    revdial_handshakes_rejected_total{status}  counter  upgrades refused: 400, 401, 404, 409
+                                                    (a peer link to itself), 503
     revdial_streams                        gauge    streams open now (peer links included)
     revdial_dials_total{result}            counter  ok, refused, failed, timeout, no_client,
                                                     cancelled (see revdial._stats.DIAL_RESULTS)
@@ -102,7 +103,7 @@ class ServerCollector(Collector):
             "revdial_handshakes_rejected", "WebSocket upgrades refused, by HTTP status.",
             labels=["status"],
         )
-        for status in (400, 401, 404, 503):
+        for status in (400, 401, 404, 409, 503):
             rejected.add_metric([str(status)], counters.handshakes_rejected.get(status, 0))
         yield rejected
         yield GaugeMetricFamily("revdial_streams", "Tunnel streams open now (agent sessions "

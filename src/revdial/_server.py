@@ -126,7 +126,7 @@ class ServerCounters:
 
     #: Agent sessions accepted (handshake completed).
     sessions_accepted: int
-    #: WebSocket upgrades answered with an error, by HTTP status (400, 401, 404, 503).
+    #: WebSocket upgrades answered with an error, by HTTP status (400, 401, 404, 409, 503).
     handshakes_rejected: Mapping[int, int]
     #: Bytes, pauses and resets of every session, ended ones included.
     sessions: SessionCounters
