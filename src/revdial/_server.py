@@ -642,6 +642,13 @@ class Server:
         else:
             self._sessions.setdefault(session.client_key, []).append(session)
             self._announce(session, added=True)
+            # Withdrawn from the peers as soon as it ends, not once its
+            # WebSocket is closed (up to close_timeout later).
+            session.on_end = self._agent_session_ended
+        self._notify()
+
+    def _agent_session_ended(self, session: Session) -> None:
+        self._announce(session, added=False)
         self._notify()
 
     def _unregister(self, session: Session) -> None:
@@ -658,7 +665,9 @@ class Server:
             self._ended_counters = self._ended_counters + session.counters()
             if not group:
                 del self._sessions[session.client_key]
-            self._announce(session, added=False)
+            if session.on_end is not None:  # it never ran (on_end fires at its end)
+                session.on_end = None
+                self._announce(session, added=False)
         self._notify()
 
     def _announce(self, session: Session, *, added: bool) -> None:

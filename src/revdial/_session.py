@@ -421,6 +421,9 @@ class Session:
         #: Called synchronously for each AddClient/RemoveClient received
         #: (server sessions; a peer's announcements). None: ignored.
         self.on_announce = on_announce
+        #: Called synchronously, once, as the session ends (before its
+        #: WebSocket is closed): a server withdraws it from its peers at once.
+        self.on_end: Callable[[Session], None] | None = None
         self._streams: dict[int, TunnelStream] = {}
         # The three outbox queues start as the shared empty _NO_QUEUE and get a
         # deque of their own on first use (see _Unallocated).
@@ -1064,3 +1067,6 @@ class Session:
         self._fifo_control = 0
         self._space_lot.unpark_all()
         self._writer_lot.unpark_all()
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end(self)
