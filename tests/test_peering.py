@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionRejected, serve_websocket
+from trio_websocket import ConnectionClosed, ConnectionRejected, serve_websocket
 
 import revdial
 from conftest import (
@@ -697,3 +697,65 @@ async def test_peer_sessions_are_bounded() -> None:
     ):
         await wait_until(lambda: srv.peer_statistics().sessions_in == 1)
         assert await rejected_status(srv.port, peer_headers("p2")) == 503
+
+
+async def test_our_link_serves_a_go_style_peer_frame_by_frame(targets: Targets) -> None:
+    """A bare WebSocket server stands in for a Go remotedialer peer: our link
+    announces the agent with AddClient "c1/<key>", then serves the peer's
+    plain-protocol ``Connect(2, "c1::tcp/ADDR")``: Data echoes back, and the
+    peer's Error "EOF" closes the stream; RemoveClient follows the agent's end."""
+    frames: trio.MemorySendChannel[Frame]
+    frames, received = trio.open_memory_channel[Frame](100)
+    to_send: trio.MemorySendChannel[bytes]
+    to_send, outgoing = trio.open_memory_channel[bytes](100)
+
+    async def go_peer(request: Any) -> None:
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        assert headers["x-api-tunnel-id"] == "me"
+        assert headers["x-api-tunnel-token"] == PEER_TOKEN
+        ws = await request.accept()  # no X-Revdial-Version answer: plain remotedialer
+
+        async def pump_out() -> None:
+            async for message in outgoing:
+                await ws.send_message(message)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(pump_out)
+            while True:
+                try:
+                    message = await ws.get_message()
+                except ConnectionClosed:  # our server shut the link at the end
+                    n.cancel_scope.cancel()
+                    return
+                assert isinstance(message, bytes)
+                await frames.send(decode(message))
+
+    async with trio.open_nursery() as nursery:
+        listener = await nursery.start(functools.partial(serve_websocket, go_peer, "127.0.0.1",
+                                                         0, ssl_context=None))
+        async with revdial.open_server(revdial.token_authorizer(token=TOKEN), peer_id="me",
+                                       peer_token=PEER_TOKEN) as srv:
+            _, agent_scope = await spawn_agent(nursery, srv, targets.allow)
+            (agent_session,) = srv.sessions(CLIENT_KEY)
+            srv.add_peer("go", f"ws://127.0.0.1:{listener.port}/connect")
+            with trio.fail_after(10):
+                add = await received.receive()
+                assert (add.type, add.conn_id) == (MessageType.ADD_CLIENT, 0)
+                assert add.payload == f"{CLIENT_KEY}/{agent_session.state.session_key}".encode()
+                target = f"{CLIENT_KEY}::tcp/127.0.0.1:{targets.echo}".encode()
+                await to_send.send(encode(Frame(1000, 2, MessageType.CONNECT, target)))
+                await to_send.send(encode(Frame(1001, 2, MessageType.DATA, b"hello go")))
+                echoed = b""
+                while echoed != b"hello go":
+                    frame = await received.receive()
+                    if frame.type == MessageType.DATA and frame.conn_id == 2:
+                        echoed += frame.payload
+                await to_send.send(encode(Frame(1002, 2, MessageType.ERROR, b"EOF")))
+                await wait_until(lambda: srv.statistics().streams == 0)
+                agent_scope.cancel()
+                while True:
+                    frame = await received.receive()
+                    if frame.type == MessageType.REMOVE_CLIENT:
+                        assert frame.payload == add.payload
+                        break
+        nursery.cancel_scope.cancel()
