@@ -136,6 +136,16 @@ class Server:
     """Accepts agent sessions at ``path`` and dials connections through them.
 
     Use :func:`open_server`, or ``await nursery.start(server.serve, host, port)``.
+
+    Peering (remotedialer's HA, ``docs/PEERING.md``): with ``peer_id`` and
+    ``peer_token`` the server accepts other replicas presenting that token in
+    ``X-API-Tunnel-Token`` (a wrong one gets 401), keeps an outbound link to
+    every peer given to :meth:`add_peer` (run in :meth:`serve`'s nursery),
+    announces its agent sessions on those links, and :meth:`dial` reaches a
+    client held by a peer. ``max_announced`` bounds what one peer session may
+    announce, ``max_peer_sessions`` the incoming peer sessions;
+    ``peer_ssl_context`` verifies ``wss://`` peers (default: not verified, as
+    remotedialer).
     """
 
     def __init__(
