@@ -33,6 +33,7 @@ def plan(full: bool) -> dict[str, list[str]]:
         "fairness": ["--seconds", "10" if full else "5", "--repeat", "3"],
         "memory": ["--long"] if full else ["--seconds", "15"],
         "sessions": ["--count", "1000", "--restarts", "3"],
+        "peering": ["--count", "500", "--seconds", "5" if full else "3", "--repeat", "3"],
     }
     if importlib.util.find_spec("benchmarks.http_path") is not None:
         steps["http_path"] = []  # its own defaults

@@ -37,6 +37,7 @@ from revdial._frames import ExtType, Frame, MessageType, decode, encode, encode_
 from revdial._limits import Limits
 from revdial._state import (
     CLIENT_FIRST_CONN_ID,
+    ClientAnnounced,
     Closed,
     ConnectRequested,
     DataReceived,
@@ -221,6 +222,11 @@ class Model:
                     self.forget(cid)
             case FlowChanged(cid, paused):
                 assert self.state.conns[cid].peer_paused is paused
+            case ClientAnnounced(key, session_key, _):
+                # Only server sessions report a peer's announcements (PROTOCOL 4.2).
+                assert self.state.role is Role.SERVER
+                assert "/" not in key
+                assert -(1 << 63) <= session_key < (1 << 63)
             case None:
                 pass
             case _:

@@ -197,7 +197,9 @@ async def run_pair(
 HELP_MENTIONS = {
     (): ["server", "agent", "status", "demo", "--log-level", "--log-format"],
     ("server",): ["--listen", "--token", "--tokens", "--insecure-no-auth", "--forward",
-                  "--tls-cert", "--tls-key", "--path", "--metrics-listen", "--metrics-clients"],
+                  "--tls-cert", "--tls-key", "--path", "--metrics-listen", "--metrics-clients",
+                  "--peer-id", "--peer-token", "--peer-token-file", "--peer", "--peers-dns",
+                  "--peers-dns-interval", "--peer-ca"],
     ("agent",): ["--server", "--id", "--token", "--allow", "--allow-all", "--ca-file",
                  "--ca-checksum"],
 }

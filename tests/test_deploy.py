@@ -98,3 +98,40 @@ def test_dockerfile_installs_the_package_and_runs_revdial() -> None:
     assert "COPY src ./src" in text
     assert 'ENTRYPOINT ["revdial"]' in text
     assert "USER 65532" in text
+
+
+def _server_container() -> tuple[dict[str, Any], dict[str, Any]]:
+    (deployment,) = [doc for _, doc in DOCS
+                     if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "revdial-server"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, container
+
+
+def test_the_server_runs_three_peered_replicas() -> None:
+    deployment, container = _server_container()
+    assert deployment["spec"]["replicas"] == 3
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    parsed = _build_parser().parse_args([str(a) for a in container["args"]])
+    assert parsed.peer_id == "$(POD_IP):8123"
+    assert "--peer-token" not in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    peer_secret = env["REVDIAL_PEER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    agent_secret = env["REVDIAL_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert peer_secret["key"] != agent_secret["key"]  # peer and agent tokens differ
+    # --peers-dns names the headless Service, in the Deployment's namespace, on the
+    # port the agents use (peers connect where agents do).
+    name, port = parsed.peers_dns
+    services = {doc["metadata"]["name"]: doc for _, doc in DOCS if doc["kind"] == "Service"}
+    service_name, namespace = name.split(".")[:2]
+    headless = services[service_name]
+    assert namespace == headless["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= labels.items()
+    assert port == parsed.listen[1]
+    assert any(p["port"] == port for p in headless["spec"]["ports"])
+    # A disruption budget keeps a majority of the replicas up.
+    (pdb,) = [doc for _, doc in DOCS if doc["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]

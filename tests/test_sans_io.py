@@ -17,7 +17,7 @@ import pytest
 
 import revdial
 
-SANS_IO_MODULES = ("_backoff", "_errors", "_frames", "_limits", "_state", "_stats")
+SANS_IO_MODULES = ("_backoff", "_errors", "_frames", "_limits", "_peerstate", "_state", "_stats")
 
 #: Standard-library modules the core must not use even though they are stdlib.
 FORBIDDEN = frozenset(

@@ -42,6 +42,7 @@ from revdial._limits import DEFAULT_LIMITS, Limits
 from revdial._state import (
     CLIENT_FIRST_CONN_ID,
     OVERRUN_TEXT,
+    ClientAnnounced,
     Closed,
     Conn,
     ConnectRequested,
@@ -181,6 +182,11 @@ def describe(state: SessionState, event: Event | None) -> str:
         case Reaped((conn_id,)) if conn_id == cid and conn is None:
             text = "sync from client"
             return f'conn {cid} read side closed with "{text}"; conn {cid} removed from session'
+        case ClientAnnounced(key, session_key, True) if state.role is Role.SERVER:
+            # The driver records it (revdial._peerstate.AnnouncedClients), as Go does.
+            return f"remoteClientKeys=map[{key}:map[{session_key}:true]]"
+        case ClientAnnounced(_, _, False) if state.role is Role.SERVER:
+            return NO_EFFECT  # a pair never announced: the driver's table ignores it
         case ConnectRequested(conn_id, proto, address):
             new = state.conns.get(conn_id)
             if new is not None and new.phase is ConnPhase.DIALING and not new.opened_by_us:
@@ -258,13 +264,6 @@ DELIBERATE_DEVIATIONS: tuple[Deviation, ...] = (
             and v["server_session"]["serveMessage_error"] is not None
         ),
         lambda v, o, role: Outcome(True, v["server_session"]["serveMessage_error"], (), NO_EFFECT),
-    ),
-    Deviation(
-        "no-peer-registry",
-        "Peering is not implemented: a valid AddClient is accepted and ignored "
-        "(a Go server records it in remoteClientKeys).",
-        lambda v, role: v[ROLE_FIELD[role]]["effect"].startswith("remoteClientKeys="),
-        lambda v, o, role: dataclasses.replace(o, effect=NO_EFFECT),
     ),
     Deviation(
         "sync-list-is-a-set",

@@ -43,6 +43,7 @@ from ._frontdoor import (
 )
 from ._limits import DEFAULT_LIMITS, Limits
 from ._monitor import Monitor
+from ._peers import DnsPeers, Resolver, system_resolver
 from ._proxy import (
     DEFAULT_PROXY_LIMITS,
     PROXY_ADDRESS,
@@ -55,6 +56,7 @@ from ._proxy import (
 from ._server import (
     Authorizer,
     HandshakeRequest,
+    PeerStatistics,
     Server,
     ServerCounters,
     ServerStatistics,
@@ -86,6 +88,7 @@ __all__ = [
     "DialUnreachableError",
     "DialStats",
     "Dialer",
+    "DnsPeers",
     "FrameError",
     "FrontDoor",
     "HalfCloseUnsupportedError",
@@ -95,9 +98,11 @@ __all__ = [
     "Limits",
     "Monitor",
     "NoSuchClientError",
+    "PeerStatistics",
     "ProtocolError",
     "ProxyLimits",
     "ProxyStatistics",
+    "Resolver",
     "ReverseProxy",
     "RevdialError",
     "Server",
@@ -123,5 +128,6 @@ __all__ = [
     "open_server",
     "read_user_tokens",
     "splice",
+    "system_resolver",
     "token_authorizer",
 ]

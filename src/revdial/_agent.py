@@ -11,7 +11,8 @@ import math
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -256,8 +257,49 @@ def make_ssl_context(
     return ctx
 
 
+@dataclass(frozen=True, slots=True)
+class _Endpoint:
+    """One server URL of an agent, parsed once."""
+
+    host: str
+    port: int
+    host_header: str
+    resource: str
+    #: The URL as logs show it (no query string, no user-info: they may hold secrets).
+    log_url: str
+    ssl_context: ssl.SSLContext | None
+
+    @classmethod
+    def parse(cls, url: str, ssl_context: ssl.SSLContext | None) -> _Endpoint:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss"):
+            raise ValueError(f"server URL must be ws:// or wss://, not {loggable_url(url)!r}")
+        if not parts.hostname:
+            raise ValueError(f"server URL {loggable_url(url)!r} has no host")
+        secure = parts.scheme == "wss"
+        host = parts.hostname
+        default_port = 443 if secure else 80
+        port = parts.port or default_port
+        host_for_header = f"[{host}]" if ":" in host else host
+        return cls(
+            host=host,
+            port=port,
+            host_header=host_for_header if port == default_port
+            else f"{host_for_header}:{port}",
+            resource=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            log_url=loggable_url(url),
+            ssl_context=ssl_context if ssl_context is not None
+            else (ssl.create_default_context() if secure else None),
+        )
+
+
 class Agent:
     """One agent: connects to ``url`` and serves the server's dials.
+
+    ``url`` may be a list of server URLs (replicas peered with each other, or
+    a load balancer among them): the agent uses one at a time, and after a
+    session ends or an attempt fails it tries the next one in the list, with
+    the usual backoff between attempts.
 
     ``headers`` are sent with the WebSocket upgrade (for the CLI:
     ``X-Tunnel-ID`` and ``Authorization: Bearer``). ``allow`` decides which
@@ -270,7 +312,7 @@ class Agent:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         headers: Mapping[str, str] | None = None,
         allow: object = None,
@@ -282,23 +324,15 @@ class Agent:
         extensions: bool = True,
         services: Mapping[str, StreamHandler] | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss"):
-            raise ValueError(f"server URL must be ws:// or wss://, not {url!r}")
-        if not parts.hostname:
-            raise ValueError(f"server URL {url!r} has no host")
-        self.url = url
-        #: ``url`` as logs show it (no query string, no user-info: they may hold secrets).
-        self._log_url = loggable_url(url)
-        self._secure = parts.scheme == "wss"
-        self._host = parts.hostname
-        self._port = parts.port or (443 if self._secure else 80)
-        default_port = 443 if self._secure else 80
-        host_for_header = f"[{self._host}]" if ":" in self._host else self._host
-        self._host_header = (
-            host_for_header if self._port == default_port else f"{host_for_header}:{self._port}"
-        )
-        self._resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("give at least one server URL")
+        self._endpoints = [_Endpoint.parse(u, ssl_context) for u in urls]
+        self._current = 0
+        #: The first server URL (see :attr:`urls` for all of them).
+        self.url = urls[0]
+        #: Every server URL, in the order they are tried.
+        self.urls = tuple(urls)
         self._headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
         self._extension_version = EXTENSION_VERSION if extensions else 0
         if self._extension_version:
@@ -306,15 +340,23 @@ class Agent:
                 (EXTENSION_HEADER.encode(), str(self._extension_version).encode())
             )
         self._on_connect = make_connect_handler(allow, dialer, limits, services)
-        self._ssl_context = ssl_context if ssl_context is not None else (
-            ssl.create_default_context() if self._secure else None
-        )
         self.limits = limits
         Backoff(random.random, backoff_initial, backoff_max)  # validate now, not at a failure
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
+        #: Called synchronously with each new session before it runs (peer links
+        #: queue their announcements here).
+        self._session_hook: Callable[[Session], None] | None = None
         #: The live session, if any.
         self.session: Session | None = None
+
+    @property
+    def _log_url(self) -> str:
+        return self._endpoints[self._current].log_url
+
+    def _next_endpoint(self) -> None:
+        """Fail over: the next attempt goes to the next URL (round robin)."""
+        self._current = (self._current + 1) % len(self._endpoints)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a session up forever, reconnecting after every failure.
@@ -345,7 +387,9 @@ class Agent:
                 log.warning("tunnel to %s: %s", self._log_url, exc)
             lasted = None if up_since is None else trio.current_time() - up_since
             wait = backoff.session_ended(lasted)
-            log.info("reconnecting in %.2f s", wait)
+            if len(self._endpoints) > 1:
+                self._next_endpoint()
+            log.info("reconnecting to %s in %.2f s", self._log_url, wait)
             await trio.sleep(wait)
 
     async def run_once(
@@ -361,12 +405,13 @@ class Agent:
 
     async def _run_session(self, on_up: Callable[[], None]) -> None:
         limits = self.limits
+        endpoint = self._endpoints[self._current]
         with trio.fail_after(limits.handshake_timeout):
-            tcp = await trio.open_tcp_stream(self._host, self._port)
+            tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
         tune_transport(tcp, limits)
         stream: trio.abc.Stream = tcp
-        if self._ssl_context is not None:
-            stream = trio.SSLStream(tcp, self._ssl_context, server_hostname=self._host)
+        if endpoint.ssl_context is not None:
+            stream = trio.SSLStream(tcp, endpoint.ssl_context, server_hostname=endpoint.host)
         transport = ActivityStream(stream)
         session: Session | None = None
         try:
@@ -379,8 +424,8 @@ class Agent:
                     ws = await wrap_client_stream(
                         nursery,
                         cast("trio.SocketStream", transport),
-                        self._host_header,
-                        self._resource,
+                        endpoint.host_header,
+                        endpoint.resource,
                         extra_headers=list(self._headers),
                         max_message_size=limits.max_message_size,
                         receive_buffer_size=limits.read_size,
@@ -404,10 +449,12 @@ class Agent:
                     nursery.cancel_scope.cancel()
                 else:
                     self.session = session
+                    if self._session_hook is not None:
+                        self._session_hook(session)
                     log.info(
                         "session %s: connected to %s (%s)",
                         session.id,
-                        self._log_url,
+                        endpoint.log_url,
                         f"revdial extension v{session.extensions}"
                         if session.extensions
                         else "plain remotedialer",

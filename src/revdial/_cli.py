@@ -12,6 +12,7 @@ import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
@@ -22,6 +23,8 @@ from ._limits import DEFAULT_LIMITS
 from ._logs import configure_logging
 from ._metrics import DEFAULT_CLIENT_SERIES
 from ._monitor import Monitor
+from ._peers import DnsPeers
+from ._peerstate import valid_peer_id
 from ._proxy import PROXY_TARGET, ReverseProxy, make_upstream_ssl_context
 from ._server import Authorizer, HandshakeRequest, Server, token_authorizer
 from ._splice import abort, splice
@@ -32,6 +35,7 @@ log = logging.getLogger("revdial")
 
 TOKEN_ENV = "REVDIAL_TOKEN"
 USER_TOKEN_ENV = "REVDIAL_USER_TOKEN"
+PEER_TOKEN_ENV = "REVDIAL_PEER_TOKEN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +65,40 @@ def parse_forward(spec: str) -> Forward:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"--forward {spec!r}: {exc}") from None
     return Forward(host, port, key, target)
+
+
+def parse_peer(spec: str) -> tuple[str, str]:
+    """``--peer ID=URL`` -> ``(id, url)``."""
+    peer_id, sep, url = spec.partition("=")
+    if not sep or not valid_peer_id(peer_id) or not url.startswith(("ws://", "wss://")):
+        raise argparse.ArgumentTypeError(
+            f"--peer {spec!r}: expected ID=ws://HOST:PORT/PATH (or wss://); the ID is 1-80 "
+            "printable bytes without '/' or '::'"
+        )
+    return peer_id, url
+
+
+def _peer_id(text: str) -> str:
+    if not valid_peer_id(text):
+        raise argparse.ArgumentTypeError("must be 1-80 printable bytes without '/' or '::'")
+    return text
+
+
+def _peers_dns(text: str) -> tuple[str, int]:
+    try:
+        return split_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--peers-dns: {exc}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
 
 
 def _listen_address(text: str) -> tuple[str, int]:
@@ -177,6 +215,32 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="serve /metrics (Prometheus), /healthz, /readyz and /clients over "
                      "plain HTTP here (off by default; it lists connected clients, so keep "
                      "it on loopback or a private network)")
+    peering = srv.add_argument_group(
+        "peering (high availability)",
+        "Replicas peered with each other reach an agent connected to any of them "
+        "(remotedialer-compatible; see README, 'Run it highly available').",
+    )
+    peering.add_argument("--peer-id", type=_peer_id, metavar="ID",
+                         help="this replica's peer id (unique; e.g. its pod IP:PORT)")
+    peer_secret = peering.add_mutually_exclusive_group()
+    peer_secret.add_argument("--peer-token", metavar="TOKEN",
+                             help=f"token shared by all replicas (or set ${PEER_TOKEN_ENV}, "
+                             "or --peer-token-file); distinct from the agents' token")
+    peer_secret.add_argument("--peer-token-file", metavar="FILE",
+                             help="read the peer token from this file")
+    peering.add_argument("--peer", action="append", default=[], type=parse_peer,
+                         metavar="ID=URL",
+                         help="a peer replica and its agent URL, ws://HOST:PORT/connect "
+                         "(repeatable)")
+    peering.add_argument("--peers-dns", type=_peers_dns, metavar="NAME:PORT",
+                         help="discover peers by resolving NAME (e.g. a Kubernetes headless "
+                         "Service) every --peers-dns-interval; each address A becomes peer "
+                         "A:PORT at ws[s]://A:PORT/PATH")
+    peering.add_argument("--peers-dns-interval", type=_positive_float, default=10.0,
+                         metavar="SECONDS", help="re-resolve --peers-dns this often (default: 10)")
+    peering.add_argument("--peer-ca", metavar="FILE",
+                         help="verify wss:// peers against this CA (the name is not checked: "
+                         "peers are dialled by address); default: not verified, as remotedialer")
     srv.add_argument("--metrics-clients", type=_non_negative_int, default=DEFAULT_CLIENT_SERIES,
                      metavar="N",
                      help="per-client-key metric series for at most the first N keys "
@@ -200,8 +264,9 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Keep a tunnel to SERVER up (reconnecting with backoff) and dial the "
         "targets the server asks for, if --allow permits them.",
     )
-    agt.add_argument("--server", required=True, metavar="URL",
-                     help="ws://HOST:PORT/connect or wss://...")
+    agt.add_argument("--server", required=True, action="append", metavar="URL",
+                     help="ws://HOST:PORT/connect or wss://...; repeat it for peered "
+                     "replicas: the agent uses one and fails over to the next")
     agt.add_argument("--id", required=True, metavar="KEY", help="client key (X-Tunnel-ID)")
     agt.add_argument("--token", metavar="TOKEN",
                      help=f"bearer token (or set ${TOKEN_ENV}, which keeps it out of ps)")
@@ -340,6 +405,35 @@ def _server_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def _peer_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Server keyword arguments for peering (empty when it is off)."""
+    token = args.peer_token
+    if args.peer_token_file:
+        try:
+            with open(args.peer_token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"revdial server: --peer-token-file: {exc}") from None
+        if not token:
+            raise SystemExit(f"revdial server: {args.peer_token_file} is empty")
+    if not token:
+        token = os.environ.get(PEER_TOKEN_ENV)
+    wants_peers = bool(args.peer or args.peers_dns)
+    if not args.peer_id:
+        if wants_peers:
+            raise SystemExit("revdial server: --peer and --peers-dns need --peer-id")
+        return {}
+    if not token:
+        raise SystemExit("revdial server: --peer-id needs a peer token: --peer-token, "
+                         f"--peer-token-file or ${PEER_TOKEN_ENV}")
+    settings: dict[str, Any] = {"peer_id": args.peer_id, "peer_token": token}
+    if args.peer_ca:
+        ctx = ssl.create_default_context(cafile=args.peer_ca)
+        ctx.check_hostname = False
+        settings["peer_ssl_context"] = ctx
+    return settings
+
+
 async def _cmd_server(args: argparse.Namespace) -> None:
     authorize = _server_authorizer(args)
     ssl_context = _server_ssl(args)
@@ -349,17 +443,32 @@ async def _cmd_server(args: argparse.Namespace) -> None:
         max_sessions_per_client=args.max_sessions_per_client,
         idle_stream_timeout=args.idle_stream_timeout,
     )
-    server = Server(authorize, path=args.path, ssl_context=ssl_context, limits=limits)
+    try:
+        peering = _peer_settings(args)
+    except (OSError, ssl.SSLError) as exc:
+        raise SystemExit(f"revdial server: --peer-ca: {exc}") from None
+    server = Server(authorize, path=args.path, ssl_context=ssl_context, limits=limits,
+                    **peering)
+    for peer_id, url in args.peer:
+        server.add_peer(peer_id, url)
+    dns: DnsPeers | None = None
+    if args.peers_dns is not None:
+        dns_name, dns_port = args.peers_dns
+        dns = DnsPeers(server, dns_name, dns_port, scheme="wss" if ssl_context else "ws",
+                       interval=args.peers_dns_interval)
     front_door = _front_door(args, server, ssl_context)
     host, port = args.listen
     started = False
     async with trio.open_nursery() as nursery:
         if args.metrics_listen is not None:
-            # First, so /readyz answers 503 until every listener below is up.
-            monitor = Monitor(server, ready=lambda: started,
+            # First, so /readyz answers 503 until every listener below is up
+            # (and, with --peers-dns, until the name resolved once).
+            monitor = Monitor(server, ready=lambda: started and (dns is None or dns.resolved),
                               max_client_series=args.metrics_clients)
             await nursery.start(monitor.serve, *args.metrics_listen)
         await nursery.start(server.serve, host, port)
+        if dns is not None:
+            await nursery.start(dns.run)
         for fwd in args.forward:
             await nursery.start(_serve_forward, server, fwd, server.limits.read_size)
         if front_door is not None:
@@ -532,8 +641,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(report, indent=1) + "\n")
         return 0
+    peers = report.get("peers")
     if not sessions:
         sys.stdout.write("no clients connected\n")
+        _write_peers(peers)
         return 0
     rows = [[title for title, _ in STATUS_COLUMNS]]
     for entry in sessions:
@@ -547,7 +658,23 @@ def _cmd_status(args: argparse.Namespace) -> int:
         cells = [c.rjust(w) if i in numeric else c.ljust(w)
                  for i, (c, w) in enumerate(zip(r, widths, strict=True))]
         sys.stdout.write("  ".join(cells).rstrip() + "\n")
+    _write_peers(peers)
     return 0
+
+
+def _write_peers(peers: object) -> None:
+    """The peering part of ``revdial status`` (servers with --peer-id only)."""
+    if not isinstance(peers, dict):
+        return
+    for link in peers.get("links", []):
+        sys.stdout.write(f"peer {link.get('peer_id')} at {link.get('url')}: "
+                         f"link {link.get('state')}\n")
+    for entry in peers.get("incoming", []):
+        keys = entry.get("announced_clients", [])
+        sys.stdout.write(f"peer {entry.get('peer_id')} from {entry.get('remote')}: "
+                         f"announces {len(keys)} clients"
+                         + (f" ({', '.join(keys[:10])}{', ...' if len(keys) > 10 else ''})"
+                            if keys else "") + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,8 +14,9 @@ Metrics (every label has a fixed, small set of values except ``client``)::
     revdial_client_sessions{client}        gauge    sessions of one client key (bounded, below)
     revdial_client_series_omitted          gauge    connected client keys without a series
     revdial_sessions_accepted_total        counter  sessions accepted
-    revdial_handshakes_rejected_total{status}  counter  upgrades refused: 400, 401, 404, 503
-    revdial_streams                        gauge    streams open now
+    revdial_handshakes_rejected_total{status}  counter  upgrades refused: 400, 401, 404, 409
+                                                    (a peer link to itself), 503
+    revdial_streams                        gauge    streams open now (peer links included)
     revdial_dials_total{result}            counter  ok, refused, failed, timeout, no_client,
                                                     cancelled (see revdial._stats.DIAL_RESULTS)
     revdial_dial_seconds                   histogram  Connect to outcome, every dial that
@@ -25,6 +26,10 @@ Metrics (every label has a fixed, small set of values except ``client``)::
     revdial_buffered_bytes                 gauge    received bytes not yet read by the application
     revdial_pauses_total{direction}        counter  Pause frames: sent, received
     revdial_stream_resets_total{cause}     counter  peer, local, overrun, protocol, sync
+    revdial_peers                          gauge    peers registered (--peer, --peers-dns)
+    revdial_peer_links{direction}          gauge    peer WebSockets up: out (ours), in (theirs)
+    revdial_peer_announced_clients         gauge    (client, session) pairs peers announced
+    revdial_peer_announcements_dropped_total  counter  AddClient beyond the per-peer bound
 
 Cardinality: no label ever holds an address or a target. ``client`` holds a
 client key, and only for the first ``max_client_series`` keys in connection
@@ -51,7 +56,7 @@ from prometheus_client.registry import Collector
 
 from ._server import Server
 
-__all__ = ["DEFAULT_CLIENT_SERIES", "ServerCollector", "client_report"]
+__all__ = ["DEFAULT_CLIENT_SERIES", "ServerCollector", "client_report", "peer_report"]
 
 #: Per-client ``revdial_client_sessions`` series at most (the first keys connected).
 DEFAULT_CLIENT_SERIES = 50
@@ -98,10 +103,11 @@ class ServerCollector(Collector):
             "revdial_handshakes_rejected", "WebSocket upgrades refused, by HTTP status.",
             labels=["status"],
         )
-        for status in (400, 401, 404, 503):
+        for status in (400, 401, 404, 409, 503):
             rejected.add_metric([str(status)], counters.handshakes_rejected.get(status, 0))
         yield rejected
-        yield GaugeMetricFamily("revdial_streams", "Tunnel streams open now.",
+        yield GaugeMetricFamily("revdial_streams", "Tunnel streams open now (agent sessions "
+                                "and peer links).",
                                 value=stats.streams)
         yield GaugeMetricFamily("revdial_buffered_bytes",
                                 "Received tunnel bytes not yet read by the application.",
@@ -134,6 +140,45 @@ class ServerCollector(Collector):
         for cause, n in traffic.resets.items():
             resets.add_metric([cause], n)
         yield resets
+        peers = server.peer_statistics()
+        yield GaugeMetricFamily("revdial_peers", "Peer replicas registered (flags and DNS).",
+                                value=peers.configured)
+        links = GaugeMetricFamily(
+            "revdial_peer_links",
+            "Peer WebSockets up: out = our link to a peer, in = a peer's link to us.",
+            labels=["direction"],
+        )
+        links.add_metric(["out"], peers.links_up)
+        links.add_metric(["in"], peers.sessions_in)
+        yield links
+        yield GaugeMetricFamily(
+            "revdial_peer_announced_clients",
+            "Client sessions (clientKey/sessionKey pairs) the connected peers announced.",
+            value=peers.announced,
+        )
+        yield CounterMetricFamily(
+            "revdial_peer_announcements_dropped",
+            "AddClient announcements dropped because a peer exceeded the bound.",
+            value=peers.announcements_dropped,
+        )
+
+
+def peer_report(server: Server) -> dict[str, list[dict[str, Any]]]:
+    """Peering, JSON-ready: ``links`` (ours to each registered peer: ``peer_id``,
+    ``url`` without query or user-info, ``state`` up/down/self) and ``incoming``
+    (each peer's session to us: ``peer_id``, ``remote``, ``session_id``,
+    ``announced_clients``, sorted). No tokens."""
+    links = []
+    for peer_id, link in server._links.items():
+        state = "self" if link.is_self else ("up" if link.session is not None else "down")
+        links.append({"peer_id": peer_id, "url": link.agent._log_url, "state": state})
+    incoming = []
+    for session, table in server._peer_in.items():
+        if session.is_open:
+            incoming.append({"peer_id": session.client_key, "remote": session.remote,
+                             "session_id": session.id,
+                             "announced_clients": sorted(table.clients)})
+    return {"links": links, "incoming": incoming}
 
 
 def client_report(server: Server) -> list[dict[str, Any]]:

@@ -10,7 +10,8 @@ private network. It speaks HTTP/1.1 with h11, one small request at a time:
 ``/readyz``    200 once the server is listening (and the ``ready`` check
                passes), 503 before that and once it stops
 ``/clients``   JSON: ``{"clients": [...]}``, one object per session
-               (:func:`revdial._metrics.client_report`)
+               (:func:`revdial._metrics.client_report`); with peering also
+               ``"peers"`` (:func:`revdial._metrics.peer_report`)
 =============  ==============================================================
 
 Only ``GET`` and ``HEAD`` (405 otherwise); any other path is 404; a query
@@ -30,7 +31,7 @@ import trio
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
-from ._metrics import DEFAULT_CLIENT_SERIES, ServerCollector, client_report
+from ._metrics import DEFAULT_CLIENT_SERIES, ServerCollector, client_report, peer_report
 from ._server import Server, bound_addresses
 
 __all__ = ["Monitor"]
@@ -197,7 +198,10 @@ class Monitor:
                 return 200, text, b"ready\n"
             return 503, text, b"not ready\n"
         if path == b"/clients":
-            body = json.dumps({"clients": client_report(self.server)}, indent=1) + "\n"
+            report: dict[str, object] = {"clients": client_report(self.server)}
+            if self.server.peer_id is not None:
+                report["peers"] = peer_report(self.server)
+            body = json.dumps(report, indent=1) + "\n"
             return 200, "application/json", body.encode()
         return 404, text, b"not found: /metrics, /healthz, /readyz, /clients\n"
 

@@ -12,13 +12,15 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from ._errors import NoSuchClientError, exception_leaves
 from ._limits import DEFAULT_LIMITS, Limits
+from ._peers import PEER_ID_HEADER, PEER_TOKEN_HEADER, SELF_PEER_STATUS, PeerLink
+from ._peerstate import DEFAULT_MAX_ANNOUNCED, AnnouncedClients, peer_network, valid_peer_id
 from ._session import (
     EXTENSION_HEADER,
     EXTENSION_VERSION,
@@ -28,13 +30,14 @@ from ._session import (
     release_handshake_state,
     tune_transport,
 )
-from ._state import Role
+from ._state import ClientAnnounced, Role
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
 
 __all__ = [
     "Authorizer",
     "HandshakeRequest",
+    "PeerStatistics",
     "Server",
     "ServerCounters",
     "ServerStatistics",
@@ -102,12 +105,28 @@ class ServerStatistics:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerStatistics:
+    """Peering figures of a server, now."""
+
+    #: Peers registered (``--peer`` and discovered), this server's own excluded.
+    configured: int
+    #: Outbound links up (this server -> peer).
+    links_up: int
+    #: Incoming peer sessions (peer -> this server).
+    sessions_in: int
+    #: Announced (clientKey, sessionKey) pairs held for the incoming peer sessions.
+    announced: int
+    #: AddClient announcements dropped because a peer exceeded the bound (cumulative).
+    announcements_dropped: int
+
+
+@dataclass(frozen=True, slots=True)
 class ServerCounters:
     """Cumulative figures of a server since it was created (never go down)."""
 
     #: Agent sessions accepted (handshake completed).
     sessions_accepted: int
-    #: WebSocket upgrades answered with an error, by HTTP status (400, 401, 404, 503).
+    #: WebSocket upgrades answered with an error, by HTTP status (400, 401, 404, 409, 503).
     handshakes_rejected: Mapping[int, int]
     #: Bytes, pauses and resets of every session, ended ones included.
     sessions: SessionCounters
@@ -117,6 +136,16 @@ class Server:
     """Accepts agent sessions at ``path`` and dials connections through them.
 
     Use :func:`open_server`, or ``await nursery.start(server.serve, host, port)``.
+
+    Peering (remotedialer's HA, ``docs/PEERING.md``): with ``peer_id`` and
+    ``peer_token`` the server accepts other replicas presenting that token in
+    ``X-API-Tunnel-Token`` (a wrong one gets 401), keeps an outbound link to
+    every peer given to :meth:`add_peer` (run in :meth:`serve`'s nursery),
+    announces its agent sessions on those links, and :meth:`dial` reaches a
+    client held by a peer. ``max_announced`` bounds what one peer session may
+    announce, ``max_peer_sessions`` the incoming peer sessions;
+    ``peer_ssl_context`` verifies ``wss://`` peers (default: not verified, as
+    remotedialer).
     """
 
     def __init__(
@@ -127,8 +156,30 @@ class Server:
         path: str = "/connect",
         ssl_context: ssl.SSLContext | None = None,
         extensions: bool = True,
+        peer_id: str | None = None,
+        peer_token: str | None = None,
+        peer_ssl_context: ssl.SSLContext | None = None,
+        max_announced: int = DEFAULT_MAX_ANNOUNCED,
+        max_peer_sessions: int = 256,
     ) -> None:
+        if bool(peer_id) != bool(peer_token):
+            raise ValueError("peering needs both peer_id and peer_token")
+        if peer_id is not None and not valid_peer_id(peer_id):
+            raise ValueError("peer_id must be 1-80 printable bytes without '/' or '::'")
         self._authorize = authorize
+        #: This server's peer id (None: peering is off).
+        self.peer_id = peer_id or None
+        self._peer_token = peer_token.encode() if peer_token else None
+        self._peer_token_text = peer_token or ""
+        self._peer_ssl_context = peer_ssl_context
+        self.max_announced = max_announced
+        self.max_peer_sessions = max_peer_sessions
+        #: Incoming peer sessions, in connection order, with what each announced.
+        self._peer_in: dict[Session, AnnouncedClients] = {}
+        self._announcements_dropped = 0
+        #: Outbound links, by peer id.
+        self._links: dict[str, PeerLink] = {}
+        self._nursery: trio.Nursery | None = None
         self._extension_version = EXTENSION_VERSION if extensions else 0
         self.limits = limits
         self.path = path
@@ -169,12 +220,82 @@ class Server:
         """Client keys that have at least one session, in connection order."""
         return list(self._sessions)
 
+    def has_client(self, client_key: str) -> bool:
+        """True if ``client_key`` is reachable: directly, or through a peer that announced it."""
+        return client_key in self._sessions or self._peer_route(client_key) is not None
+
+    def peer_clients(self) -> dict[str, list[str]]:
+        """Client keys each connected peer announced, by peer id (sorted)."""
+        out: dict[str, set[str]] = {}
+        for session, table in self._peer_in.items():
+            if session.is_open:
+                out.setdefault(session.client_key, set()).update(table.clients)
+        return {peer: sorted(keys) for peer, keys in out.items()}
+
+    def add_peer(self, peer_id: str, url: str) -> None:
+        """Peer with the server at ``url`` (``ws://`` or ``wss://``, its agent path).
+
+        Starts an outbound link that announces this server's agents to it
+        and serves its forwarded dials. Re-adding the same URL is a no-op; a
+        changed URL restarts the link. Needs ``peer_id`` and ``peer_token``.
+        Raises ValueError for a bad id or URL.
+        """
+        if self.peer_id is None:
+            raise ValueError("peering is off: give the server a peer_id and peer_token")
+        if not valid_peer_id(peer_id):
+            raise ValueError(f"peer id {peer_id[:100]!r}: 1-80 printable bytes without '/' or '::'")
+        old = self._links.get(peer_id)
+        if old is not None:
+            if old.url == url:
+                return
+            self.remove_peer(peer_id)
+        ssl_context = self._peer_ssl_context
+        if ssl_context is None and url.startswith("wss:"):
+            # As remotedialer: peers are dialled by pod address, which no
+            # certificate names. Pass peer_ssl_context to verify them.
+            ssl_context = ssl.create_default_context()
+            ssl_context.check_hostname = False
+            ssl_context.verify_mode = ssl.CERT_NONE
+        link = PeerLink(self, peer_id, url, token=self._peer_token_text, ssl_context=ssl_context)
+        self._links[peer_id] = link
+        log.info("peer %r added at %s", peer_id, link.agent._log_url)
+        if self._nursery is not None:
+            self._nursery.start_soon(link.run)
+
+    def remove_peer(self, peer_id: str) -> None:
+        """Stop the link to ``peer_id`` (no-op if unknown). Its incoming session,
+        if any, ends on its own when that peer stops (or goes away)."""
+        link = self._links.pop(peer_id, None)
+        if link is not None:
+            link.cancel_scope.cancel()
+            log.info("peer %r removed", peer_id)
+
+    def peers(self) -> dict[str, str]:
+        """Registered peers: id -> URL."""
+        return {peer_id: link.url for peer_id, link in self._links.items()}
+
+    def peer_statistics(self) -> PeerStatistics:
+        open_in = [(s, t) for s, t in self._peer_in.items() if s.is_open]
+        links = [link for link in self._links.values() if not link.is_self]
+        return PeerStatistics(
+            configured=len(links),
+            links_up=sum(1 for link in links if link.session is not None),
+            sessions_in=len(open_in),
+            announced=sum(t.pairs for _, t in open_in),
+            announcements_dropped=self._announcements_dropped
+            + sum(t.dropped for t in self._peer_in.values()),
+        )
     def sessions(self, client_key: str) -> list[Session]:
         return list(self._sessions.get(client_key, ()))
 
     def statistics(self) -> ServerStatistics:
+        """Agent sessions and clients now; streams and buffered bytes of every
+        session, peer links (both directions) included."""
         sessions = [s for group in self._sessions.values() for s in group]
-        stats = [s.statistics() for s in sessions]
+        carriers = sessions + [s for s in self._peer_in if s.is_open] + [
+            link.session for link in self._links.values() if link.session is not None
+        ]
+        stats = [s.statistics() for s in carriers]
         return ServerStatistics(
             sessions=len(sessions),
             clients=len(self._sessions),
@@ -185,7 +306,7 @@ class Server:
     def counters(self) -> ServerCounters:
         """Cumulative figures: ended sessions' counters plus the live ones'."""
         total = self._ended_counters
-        for group in self._sessions.values():
+        for group in [*self._sessions.values(), self._peer_in]:
             for session in group:
                 total = total + session.counters()
         return ServerCounters(
@@ -195,8 +316,9 @@ class Server:
         )
 
     async def wait_client(self, client_key: str) -> None:
-        """Wait until ``client_key`` has a session (returns at once if it has)."""
-        while client_key not in self._sessions:
+        """Wait until ``client_key`` is reachable: a session here or announced by
+        a peer (returns at once if it is)."""
+        while not self.has_client(client_key):
             await self._changed.wait()
         await trio.lowlevel.checkpoint()
 
@@ -208,11 +330,15 @@ class Server:
         *,
         connect_timeout: float | None = None,
         wait: bool = True,
+        local_only: bool = False,
     ) -> TunnelStream:
         """Open a connection to ``proto``/``address`` through ``client_key``'s agent.
 
-        Uses the client's oldest session; raises :class:`NoSuchClientError` at
-        once when the client has none.
+        Uses the client's oldest session on this server; if it has none,
+        a peer server that announced the client (the dial is forwarded as
+        ``Connect "K::proto/address"`` and the peer's errors come back as the
+        same typed DialErrors); raises :class:`NoSuchClientError` at once
+        when neither has it. ``local_only`` never forwards to a peer.
 
         With a revdial agent (extension v1) this returns only once the agent's
         own connect succeeded, and otherwise raises the typed
@@ -244,7 +370,11 @@ class Server:
             if session.is_open:
                 stream = session.open_stream(proto, address)
                 break
-        else:  # no break: no live session
+        else:  # no break: no live session of our own
+            peer = None if local_only else self._peer_route(client_key)
+            if peer is not None:
+                stream = peer.open_stream(peer_network(client_key, proto), address)
+                return await peer.dial(stream, timeout, wait=wait)
             await trio.lowlevel.checkpoint()
             self.dial_stats.record("no_client", None)
             raise NoSuchClientError(
@@ -275,8 +405,13 @@ class Server:
             async with trio.open_nursery() as nursery:
                 await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
                 self._listening = True
+                # Peer links run here, owned by the server (cancelled with it).
+                self._nursery = nursery
+                for link in self._links.values():
+                    nursery.start_soon(link.run)
                 task_status.started(self.addresses)
         finally:
+            self._nursery = None
             self._listening = False
 
     # --- internals --------------------------------------------------------
@@ -325,11 +460,16 @@ class Server:
         if session is None:
             return
         client_key = session.client_key
+        is_peer = isinstance(session.on_announce, _PeerRecorder)
+        what = "peer" if is_peer else "client"
         self._register(session)  # no checkpoint since _release: the counts stay exact
         fields = {"session_id": session.id, "client_key": client_key, "remote": peer}
+        if is_peer:
+            fields["peer"] = True
         log.info(
-            "session %s: client %r connected from %s (%s)",
+            "session %s: %s %r connected from %s (%s)",
             session.id,
+            what,
             client_key,
             peer,
             f"revdial extension v{session.extensions}" if session.extensions
@@ -343,9 +483,10 @@ class Server:
             duration = trio.current_time() - session.started_at
             c = session.counters()
             log.info(
-                "session %s: client %r from %s disconnected after %.1f s "
+                "session %s: %s %r from %s disconnected after %.1f s "
                 "(%d bytes in, %d bytes out): %s",
                 session.id,
+                what,
                 client_key,
                 peer,
                 duration,
@@ -402,11 +543,13 @@ class Server:
             max_message_size=limits.max_message_size,
             receive_buffer_size=limits.read_size,
         )
-        client_key = await self._check_request(request, peer)
-        if client_key is None:
+        checked = await self._check_request(request, peer)
+        if checked is None:
             return None
-        reserved.append(client_key)  # the caller releases it
-        self._reserved[client_key] = self._reserved.get(client_key, 0) + 1
+        client_key, is_peer = checked
+        if not is_peer:  # agent sessions count against the session limits
+            reserved.append(client_key)  # the caller releases it
+            self._reserved[client_key] = self._reserved.get(client_key, 0) + 1
         offer = next(
             (v.decode("latin-1") for k, v in request.headers
              if k.decode("latin-1").lower() == EXTENSION_HEADER.lower()),
@@ -426,9 +569,43 @@ class Server:
             extensions=version,
             remote=peer,
             dial_stats=self.dial_stats,
+            on_announce=_PeerRecorder(self, client_key) if is_peer else None,
         )
 
-    async def _check_request(self, request: WebSocketRequest, peer: str) -> str | None:
+    async def _check_peer(
+        self, request: WebSocketRequest, headers: Mapping[str, str], peer: str
+    ) -> tuple[str, bool] | None:
+        """A request with both peer headers, on a server that peers: a peer
+        session, or a refusal (never the agents' authorizer)."""
+        assert self._peer_token is not None
+        peer_id = headers[PEER_ID_HEADER.lower()].strip()
+        given = headers[PEER_TOKEN_HEADER.lower()].strip().encode()
+        if not hmac.compare_digest(given, self._peer_token):
+            log.warning("connection from %s: peer %r presented a wrong peer token -> 401",
+                        peer, peer_id[:100])
+            self._count_rejection(401)
+            await request.reject(401, body=b"failed authentication\n")
+            return None
+        if not valid_peer_id(peer_id):
+            log.info("connection from %s: invalid peer id -> 400", peer)
+            self._count_rejection(400)
+            await request.reject(400, body=b"invalid peer id\n")
+            return None
+        if peer_id == self.peer_id:
+            # Our own link (DNS lists this replica too): tell it to stop.
+            self._count_rejection(SELF_PEER_STATUS)
+            await request.reject(SELF_PEER_STATUS, body=b"that is this server's own peer id\n")
+            return None
+        if sum(1 for s in self._peer_in if s.is_open) >= self.max_peer_sessions:
+            log.warning("connection from %s: peer session limit reached -> 503", peer)
+            self._count_rejection(503)
+            await request.reject(503, body=b"too many peer sessions\n")
+            return None
+        return peer_id, True
+
+    async def _check_request(
+        self, request: WebSocketRequest, peer: str
+    ) -> tuple[str, bool] | None:
         path = request.path.partition("?")[0]
         if path != self.path:
             log.info("connection from %s: unknown path %s -> 404", peer, path[:100])
@@ -446,6 +623,12 @@ class Server:
             self._count_rejection(400)
             await request.reject(400, body=b"bad Sec-WebSocket-Key\n")
             return None
+        if (
+            self._peer_token is not None
+            and headers.get(PEER_ID_HEADER.lower(), "").strip()
+            and headers.get(PEER_TOKEN_HEADER.lower(), "").strip()
+        ):
+            return await self._check_peer(request, headers, peer)
         hreq = HandshakeRequest(path=request.path, headers=headers, remote=peer)
         try:
             result = self._authorize(hreq)
@@ -474,7 +657,7 @@ class Server:
             self._count_rejection(503)
             await request.reject(503, body=b"too many sessions for this client key\n")
             return None
-        return key
+        return key, False
 
     def _release(self, client_key: str) -> None:
         left = self._reserved[client_key] - 1
@@ -486,21 +669,87 @@ class Server:
     def _count_rejection(self, status: int) -> None:
         self._rejected[status] = self._rejected.get(status, 0) + 1
 
-    def _register(self, session: Session) -> None:
-        self._sessions_accepted += 1
-        self._sessions.setdefault(session.client_key, []).append(session)
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
+    def _register(self, session: Session) -> None:
+        self._sessions_accepted += 1
+        if isinstance(session.on_announce, _PeerRecorder):
+            self._peer_in[session] = session.on_announce.table
+        else:
+            self._sessions.setdefault(session.client_key, []).append(session)
+            self._announce(session, added=True)
+            # Withdrawn from the peers as soon as it ends, not once its
+            # WebSocket is closed (up to close_timeout later).
+            session.on_end = self._agent_session_ended
+        self._notify()
+
+    def _agent_session_ended(self, session: Session) -> None:
+        self._announce(session, added=False)
+        self._notify()
+
     def _unregister(self, session: Session) -> None:
+        table = self._peer_in.pop(session, None)
+        if table is not None:
+            # Its announced clients are forgotten at once; dials through it
+            # already failed with the session (DialSessionLostError).
+            self._announcements_dropped += table.dropped
+            table.clear()
+            self._ended_counters = self._ended_counters + session.counters()
         group = self._sessions.get(session.client_key)
-        if group is not None and session in group:
+        if table is None and group is not None and session in group:
             group.remove(session)
             self._ended_counters = self._ended_counters + session.counters()
             if not group:
                 del self._sessions[session.client_key]
-        self._changed.set()
-        self._changed = trio.Event()
+            if session.on_end is not None:  # it never ran (on_end fires at its end)
+                session.on_end = None
+                self._announce(session, added=False)
+        self._notify()
+
+    def _announce(self, session: Session, *, added: bool) -> None:
+        """Tell every connected peer about an agent session that came or went."""
+        for link in self._links.values():
+            link.announce(session.client_key, session.state.session_key, added=added)
+
+    def _agent_session_keys(self) -> list[tuple[str, int]]:
+        """``(clientKey, sessionKey)`` of every agent session held (what a new
+        peer link announces first). Only agent sessions: see docs/PEERING.md."""
+        return [(key, s.state.session_key) for key, group in self._sessions.items()
+                for s in group if s.is_open]
+
+    def _peer_route(self, client_key: str) -> Session | None:
+        """The first (oldest) open incoming peer session that announced ``client_key``."""
+        for session, table in self._peer_in.items():
+            if session.is_open and table.has(client_key):
+                return session
+        return None
+
+
+class _PeerRecorder:
+    """Records one incoming peer session's AddClient/RemoveClient (bounded)."""
+
+    __slots__ = ("peer_id", "server", "table", "warned")
+
+    def __init__(self, server: Server, peer_id: str) -> None:
+        self.server = server
+        self.peer_id = peer_id
+        self.table = AnnouncedClients(server.max_announced)
+        self.warned = False
+
+    def __call__(self, event: ClientAnnounced) -> None:
+        table = self.table
+        if event.added:
+            changed = table.add(event.client_key, event.session_key)
+            if table.dropped and not self.warned:
+                self.warned = True
+                log.warning("peer %r announced more than %d client sessions; further "
+                            "announcements are dropped", self.peer_id, table.max_pairs)
+        else:
+            changed = table.remove(event.client_key, event.session_key)
+        if changed:
+            self.server._notify()
 
 
 def _valid_websocket_key(key: str) -> bool:
@@ -530,15 +779,24 @@ async def open_server(
     path: str = "/connect",
     ssl_context: ssl.SSLContext | None = None,
     extensions: bool = True,
+    peer_id: str | None = None,
+    peer_token: str | None = None,
+    peers: Mapping[str, str] | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[Server]:
     """Run a :class:`Server` for the duration of the ``async with`` block.
 
-    On exit every session is closed and every stream fails with
-    :class:`~revdial.SessionLostError`.
+    ``peer_id``/``peer_token`` turn peering on, ``peers`` maps peer ids to
+    their URLs (see :meth:`Server.add_peer`); other keyword arguments go to
+    :class:`Server`. On exit every session and peer link is closed and every
+    stream fails with :class:`~revdial.SessionLostError`.
     """
     server = Server(
-        authorize, limits=limits, path=path, ssl_context=ssl_context, extensions=extensions
+        authorize, limits=limits, path=path, ssl_context=ssl_context, extensions=extensions,
+        peer_id=peer_id, peer_token=peer_token, **kwargs,
     )
+    for pid, url in (peers or {}).items():
+        server.add_peer(pid, url)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, host, port)
         try:

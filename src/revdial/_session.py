@@ -56,6 +56,7 @@ from ._limits import DEFAULT_LIMITS, Limits
 from ._speedups import install as install_speedups
 from ._state import (
     OVERRUN_TEXT,
+    ClientAnnounced,
     Closed,
     ConnectRequested,
     DataReceived,
@@ -384,6 +385,7 @@ class Session:
         extensions: int = 0,
         remote: str = "",
         dial_stats: DialStats | None = None,
+        on_announce: Callable[[ClientAnnounced], None] | None = None,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -416,6 +418,12 @@ class Session:
             extensions=extensions,
         )
         self._on_connect = on_connect
+        #: Called synchronously for each AddClient/RemoveClient received
+        #: (server sessions; a peer's announcements). None: ignored.
+        self.on_announce = on_announce
+        #: Called synchronously, once, as the session ends (before its
+        #: WebSocket is closed): a server withdraws it from its peers at once.
+        self.on_end: Callable[[Session], None] | None = None
         self._streams: dict[int, TunnelStream] = {}
         # The three outbox queues start as the shared empty _NO_QUEUE and get a
         # deque of their own on first use (see _Unallocated).
@@ -526,6 +534,14 @@ class Session:
         if scope.cancelled_caught:
             raise stream.fail_dial_timeout(connect_timeout)
         return stream
+
+    def announce(self, client_key: str, session_key: int, *, added: bool) -> None:
+        """Send AddClient (``added``) or RemoveClient ``client_key/session_key``
+        to the peer (peering, PROTOCOL 4.2). A no-op once the session ended."""
+        if self._ended:
+            return
+        self.state.announce(client_key, session_key, added=added)
+        self._flush_state()
 
     def dial_succeeded(self, stream: TunnelStream) -> None:
         """The agent's connect for ``stream`` worked (confirms it to a v1 peer)."""
@@ -761,6 +777,9 @@ class Session:
                     self._resets_peer += 1
         elif isinstance(event, ConnectRequested):
             self._accept_connect(event)
+        elif isinstance(event, ClientAnnounced):
+            if self.on_announce is not None:
+                self.on_announce(event)
         elif isinstance(event, DialConfirmed):
             stream = streams.get(event.conn_id)
             if stream is not None:
@@ -1048,3 +1067,6 @@ class Session:
         self._fifo_control = 0
         self._space_lot.unpark_all()
         self._writer_lot.unpark_all()
+        if self.on_end is not None:
+            on_end, self.on_end = self.on_end, None
+            on_end(self)

@@ -85,6 +85,7 @@ from ._frames import (
     decode,
     encode,
     encode_sync,
+    parse_client,
     parse_connect,
     parse_error_text,
     parse_sync,
@@ -92,6 +93,7 @@ from ._frames import (
 from ._limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
+    "ClientAnnounced",
     "Closed",
     "Conn",
     "ConnectRequested",
@@ -219,8 +221,19 @@ class Reaped:
     conn_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class ClientAnnounced:
+    """Server sessions: the peer announced (AddClient) or withdrew
+    (RemoveClient) one of its sessions, ``client_key/session_key``."""
+
+    client_key: str
+    session_key: int
+    added: bool
+
+
 Event = (
     DataReceived
+    | ClientAnnounced
     | ConnectRequested
     | Closed
     | FlowChanged
@@ -378,6 +391,12 @@ class SessionState:
             conn.pause_sent = False
             self._queue(conn_id, MessageType.RESUME, urgent=True)
 
+    def announce(self, client_key: str, session_key: int, *, added: bool) -> None:
+        """Queue AddClient (``added``) or RemoveClient ``client_key/session_key``
+        (a server announcing its sessions to a peer, PROTOCOL 4.2)."""
+        mtype = MessageType.ADD_CLIENT if added else MessageType.REMOVE_CLIENT
+        self._queue(0, mtype, f"{client_key}/{session_key}".encode(), urgent=True)
+
     def queue_sync(self) -> None:
         """Queue a SyncConnections listing every id we hold (clients, every 60 s)."""
         self._queue(0, MessageType.SYNC_CONNECTIONS, encode_sync(self.conns), urgent=True)
@@ -435,8 +454,14 @@ class SessionState:
                 if conn.eof_sent:
                     self._remove(frame.conn_id)
                 return PeerHalfClosed(frame.conn_id, retired=conn.eof_sent)
-        # AddClient/RemoveClient were validated by decode(); peering is not
-        # supported, so they carry nothing for us. Unknown types: ignored.
+        if (t == MessageType.ADD_CLIENT or t == MessageType.REMOVE_CLIENT) and (  # noqa: PLR1714
+            self.role is Role.SERVER
+        ):
+            # Validated by decode(); as Go, only server sessions record them
+            # (a client ignores AddClient). The driver decides what they mean.
+            key, session_key = parse_client(frame.payload)
+            return ClientAnnounced(key, session_key, t == MessageType.ADD_CLIENT)
+        # Unknown types: ignored.
         return None
 
     def _on_data(self, frame: Frame) -> Event | None:

@@ -17,6 +17,7 @@ from ._errors import (
     DialTimeoutError,
     DialUnreachableError,
     HalfCloseUnsupportedError,
+    NoSuchClientError,
     SessionLostError,
     StreamResetError,
     TunnelError,
@@ -36,12 +37,17 @@ _TIMEOUT_MARKERS = ("i/o timeout", "timed out", "timeout")
 #: A peer's reply to Data for an id it no longer knows: the stream was closed
 #: on that side, not refused.
 _NOT_FOUND_PREFIX = "connection not found"
+#: A Go server's (and a revdial peer's) Error text for a dial to a client it lacks.
+NO_SESSION_PREFIX = "failed to find Session for client"
 
 
 def classify_dial_error(reason: str, client_key: str, target: str) -> DialError:
     """Turn an agent's Error text for a failed dial into a typed DialError."""
     msg = f"dial {target} via client {client_key!r} failed: {reason}"
     kw = {"reason": reason, "client_key": client_key, "target": target}
+    if reason.startswith(NO_SESSION_PREFIX):
+        # A peer server (Go or revdial) no longer holds the client it announced.
+        return NoSuchClientError(msg, **kw)
     if reason.startswith((POLICY_REFUSAL_PREFIX, TOO_MANY_DIALS_PREFIX)) or (
         reason == "connect not allowed"
     ):
@@ -428,6 +434,14 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 raise self._error
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
+            await self._lot.park()
+
+    async def wait_peer_closed(self) -> None:
+        """Wait until the peer closed the stream (orderly or not), the session
+        was lost, or we closed it. Received data stays buffered for
+        :meth:`receive_some`. Cancellation is safe."""
+        await trio.lowlevel.checkpoint()
+        while not (self.peer_closed or self._closed):
             await self._lot.park()
 
     def fail_dial_timeout(self, timeout: float) -> DialTimeoutError:
