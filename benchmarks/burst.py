@@ -49,7 +49,7 @@ from ._util import (
 )
 
 SETTLE_S = 1.0
-OPEN_TIMEOUT_S = 20.0
+OPEN_TIMEOUT_S = 60.0
 
 
 async def _clients(port: int, n: int, in_flight: int, hold: trio.Event) -> float:

@@ -109,6 +109,12 @@ class Limits:
     #: progress`` (the server raises ``DialRefusedError``); established
     #: streams are not counted.
     max_pending_dials: int = 256
+    #: Server side, with a revdial agent: dials of one session whose outcome
+    #: is not known yet. Further dials wait (within ``connect_timeout``, in
+    #: order) instead of being sent, so a burst never meets the agent's
+    #: ``max_pending_dials`` refusal; keep it at most the agent's value. A
+    #: Go agent has no such limit and is not paced.
+    max_dials_in_flight: int = 256
     #: Server side: how long ``dial()`` waits for the agent's answer. With the
     #: revdial extension that is the confirmation; with a Go agent it bounds
     #: the wait for the first byte or error of the stream. A little above
@@ -151,10 +157,10 @@ class Limits:
             raise ValueError("small_frame_bytes must be >= 0 and small_frame_budget > 0")
         if min(self.max_sessions, self.max_sessions_per_client,
                self.max_concurrent_handshakes, self.max_streams, self.max_pending_dials,
-               self.max_message_size) <= 0:
+               self.max_dials_in_flight, self.max_message_size) <= 0:
             raise ValueError("max_sessions, max_sessions_per_client, max_concurrent_handshakes, "
-                             "max_streams, max_pending_dials and max_message_size must be "
-                             "positive")
+                             "max_streams, max_pending_dials, max_dials_in_flight and "
+                             "max_message_size must be positive")
         if self.idle_stream_timeout < 0 or self.handshake_timeout <= 0:
             raise ValueError("idle_stream_timeout must be >= 0 and handshake_timeout positive")
         if self.ping_interval <= 0 or self.ping_timeout <= 0:

@@ -368,12 +368,12 @@ class Server:
         timeout = self.limits.connect_timeout if connect_timeout is None else connect_timeout
         for session in self._sessions.get(client_key, ()):
             if session.is_open:
-                stream = session.open_stream(proto, address)
+                stream = await session.open_dial(proto, address, timeout)
                 break
         else:  # no break: no live session of our own
             peer = None if local_only else self._peer_route(client_key)
             if peer is not None:
-                stream = peer.open_stream(peer_network(client_key, proto), address)
+                stream = await peer.open_dial(peer_network(client_key, proto), address, timeout)
                 return await peer.dial(stream, timeout, wait=wait)
             await trio.lowlevel.checkpoint()
             self.dial_stats.record("no_client", None)

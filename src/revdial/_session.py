@@ -46,6 +46,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage
 
 from ._errors import (
+    DialSessionLostError,
+    DialTimeoutError,
     ProtocolError,
     RevdialError,
     SessionLostError,
@@ -447,6 +449,10 @@ class Session:
         self._writer_idle = False
         self._writer_retire = False
         self._space_lot = trio.lowlevel.ParkingLot()
+        # Our dials whose outcome is not known yet, and (made on first need)
+        # where dials wait while max_dials_in_flight of them are (see dial_slot).
+        self._dials_in_flight = 0
+        self._dial_lot: trio.lowlevel.ParkingLot | None = None
         self._nursery: trio.Nursery | None = None
         self._ended = False
         self.end_reason: BaseException | None = None
@@ -502,10 +508,68 @@ class Session:
         conn_id = self.state.open(proto, address, now)
         stream = TunnelStream(self, conn_id, f"{proto}/{address}", opened_by_us=True)
         stream._dial_started = now
+        self._dials_in_flight += 1
         self._streams[conn_id] = stream
         self._flush_state()
         stream._fifo_hold = self._fifo_in  # our Data must follow the Connect
         return stream
+
+    @property
+    def dials_full(self) -> bool:
+        """Would a dial now exceed ``max_dials_in_flight`` (revdial agents only)?"""
+        return (
+            self._dials_in_flight >= self.limits.max_dials_in_flight
+            and self.state.extensions >= 1
+        )
+
+    async def open_dial(self, proto: str, address: str, wait_limit: float) -> TunnelStream:
+        """:meth:`open_stream`, after waiting for a dial slot if the session
+        has ``max_dials_in_flight`` dials in flight (see :meth:`dial_slot`).
+        No checkpoint when it need not wait (the caller's dial() has one)."""
+        if self.dials_full or self._dial_lot:  # a burst: wait, after those waiting
+            await self.dial_slot(wait_limit, f"{proto}/{address}")
+        return self.open_stream(proto, address)
+
+    async def dial_slot(self, wait_limit: float, target: str) -> None:
+        """Wait until a dial may start on this session (see ``dials_full``).
+
+        A revdial agent refuses Connects beyond its ``max_pending_dials``; a
+        burst of dials (a front end opening hundreds of connections at once)
+        waits here instead, in order, until earlier dials have their outcome.
+        Raises :class:`~revdial.DialTimeoutError` after ``wait_limit`` seconds
+        (0: no limit) and :class:`~revdial.DialSessionLostError` if the
+        session ends meanwhile.
+        """
+        lot = self._dial_lot
+        if lot is None:
+            lot = self._dial_lot = trio.lowlevel.ParkingLot()
+        took = False
+        try:
+            with trio.move_on_after(wait_limit or math.inf) as scope:
+                while self.dials_full and not self._ended:
+                    await lot.park()
+            took = not (scope.cancelled_caught or self._ended)
+        finally:
+            if not took and not self.dials_full and lot:
+                lot.unpark()  # a wake-up this task will not use goes on
+        if self._ended:
+            raise DialSessionLostError(
+                f"session {self.id} to {self.client_key!r} ended while the dial waited",
+                client_key=self.client_key, target=target,
+            )
+        if scope.cancelled_caught:
+            self.dial_stats.record("timeout", None)
+            raise DialTimeoutError(
+                f"dial {target} via client {self.client_key!r}: "
+                f"{self.limits.max_dials_in_flight} dials in flight for {wait_limit:g} s",
+                reason="timeout", client_key=self.client_key, target=target,
+            )
+
+    def _dial_finished(self) -> None:
+        """One of our dials has its outcome (called once per dial by the stream)."""
+        self._dials_in_flight -= 1
+        if self._dial_lot:
+            self._dial_lot.unpark()
 
     async def dial(
         self, stream: TunnelStream, connect_timeout: float, *, wait: bool = True
@@ -1067,6 +1131,8 @@ class Session:
         self._fifo_control = 0
         self._space_lot.unpark_all()
         self._writer_lot.unpark_all()
+        if self._dial_lot is not None:
+            self._dial_lot.unpark_all()
         if self.on_end is not None:
             on_end, self.on_end = self.on_end, None
             on_end(self)

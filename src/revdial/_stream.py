@@ -189,6 +189,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if started is not None:
             self._dial_started = None
             self._session.dial_stats.record(result, trio.current_time() - started)
+            self._session._dial_finished()
 
     def _feed(self, data: bytes) -> None:
         self._received = True
