@@ -245,3 +245,75 @@ async def test_a_reset_while_reading_directly_reaches_the_peer() -> None:
                 with pytest.raises(revdial.StreamResetError) as info:
                     await agent.receive_some()
                 assert "local connection failed" in info.value.reason
+
+
+# --- the lazy receiver: an idle spliced socket holds one task ----------------------
+
+
+def _tasks_named(name: str) -> int:
+    """How many live tasks run a coroutine called ``name``."""
+    count = 0
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    stack = [root]
+    while stack:
+        task = stack.pop()
+        if task.coro.__qualname__.endswith(name):
+            count += 1
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return count
+
+
+async def test_an_idle_spliced_socket_has_no_receiving_task() -> None:
+    async with open_pair(extensions=1) as p:
+        with trio.fail_after(10):
+            ours, agent = await p.open()
+            local, client = await open_tcp_pair()
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
+                await trio.testing.wait_all_tasks_blocked()
+                assert _tasks_named("tunnel_to_local") == 0
+                for i in range(5):  # small answers go straight to the socket
+                    await agent.send_all(b"answer %d;" % i)
+                    assert await receive_exactly(client, 9) == b"answer %d;" % i
+                assert _tasks_named("tunnel_to_local") == 0
+                await agent.send_eof()  # the peer's half-close needs a receiver
+                assert await client.receive_some(READ) == b""
+                await client.send_all(b"last words")
+                assert await receive_exactly(agent, 10) == b"last words"
+                await client.send_eof()
+                assert await agent.receive_some() == b""
+
+
+async def test_data_buffered_before_the_splice_is_delivered_first() -> None:
+    async with open_pair(extensions=1) as p:
+        with trio.fail_after(10):
+            ours, agent = await p.open()
+            await agent.send_all(b"early")
+            await trio.testing.wait_all_tasks_blocked()  # buffered in `ours`
+            local, client = await open_tcp_pair()
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
+                await agent.send_all(b" and late")
+                assert await receive_exactly(client, 14) == b"early and late"
+                await agent.aclose()
+                assert await client.receive_some(READ) == b""
+
+
+async def test_a_silent_go_agent_times_out_the_dial_of_an_idle_splice(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """Plain remotedialer never confirms a dial: with no receiving task, the
+    splice's own wait for the socket enforces the first-byte timeout."""
+    async with open_pair(extensions=0) as p:
+        stream = p.server.open_stream("tcp", "192.0.2.1:80")
+        await p.server.dial(stream, 5, wait=False)
+        local, client = await open_tcp_pair()
+        async with client:
+            t0 = trio.current_time()
+            with pytest.raises(revdial.DialTimeoutError):
+                await revdial.splice(stream, local, read_size=READ)
+            assert trio.current_time() - t0 == pytest.approx(5)
+            with pytest.raises(trio.BrokenResourceError):
+                await client.receive_some(READ)  # reset, not an orderly end

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 import socket
 import struct
@@ -126,73 +127,124 @@ async def splice(
     for that long, both sides are aborted -- the tunnel stream with the reason
     ``revdial: idle for N s`` -- and the splice returns (logged at info).
     """
-    half = tunnel.supports_half_close and isinstance(local, trio.abc.HalfCloseableStream)
-    local_error: str | None = None
-    tunnel_error: TunnelError | None = None
-    orderly = False
-    # With idle_timeout, every chunk either way moves this scope's deadline;
-    # without, the loops pay one falsy test per chunk and no scope is entered.
-    idle = trio.CancelScope()
+    await _Splice(tunnel, local, read_size, idle_timeout).run()
 
-    def active() -> None:
-        idle.deadline = trio.current_time() + idle_timeout
 
-    async def tunnel_to_local() -> None:
-        nonlocal local_error, tunnel_error
+class _Splice:
+    """The state of one :func:`splice` (an object with slots, not closures:
+    an idle spliced stream holds this, one task and its frames -- agents hold
+    tens of thousands of them)."""
+
+    __slots__ = (
+        "fd",
+        "half",
+        "idle",
+        "idle_timeout",
+        "local",
+        "local_error",
+        "nursery",
+        "read_size",
+        "tunnel",
+        "tunnel_error",
+        "write",
+    )
+
+    def __init__(
+        self, tunnel: TunnelStream, local: trio.abc.Stream, read_size: int, idle_timeout: float
+    ) -> None:
+        self.tunnel = tunnel
+        self.local = local
+        self.read_size = read_size
+        self.idle_timeout = idle_timeout
+        self.half = tunnel.supports_half_close and isinstance(
+            local, trio.abc.HalfCloseableStream
+        )
+        self.local_error: str | None = None
+        self.tunnel_error: TunnelError | None = None
+        # With idle_timeout, every chunk either way moves this scope's deadline;
+        # without, the loops pay one falsy test per chunk and no scope is entered.
+        self.idle = trio.CancelScope() if idle_timeout else None
+        self.fd = _socket_fd(local)
+        #: Non-blocking write to local's socket (None: not a plain socket).
+        self.write = direct_writer(local)
+        self.nursery: trio.Nursery | None = None
+
+    def active(self) -> None:
+        assert self.idle is not None
+        self.idle.deadline = trio.current_time() + self.idle_timeout
+
+    def _stop(self) -> None:
+        assert self.nursery is not None
+        self.nursery.cancel_scope.cancel()
+
+    async def tunnel_to_local(self) -> None:
+        tunnel, local = self.tunnel, self.local
         try:
             while data := await tunnel.receive_some():
-                if idle_timeout:
-                    active()
+                if self.idle_timeout:
+                    self.active()
                 await local.send_all(data)
-            if half and not tunnel.peer_closed:
+            if self.half and not tunnel.peer_closed:
                 # The peer half-closed: pass the EOF on, keep the other way open.
                 assert isinstance(local, trio.abc.HalfCloseableStream)
                 await local.send_eof()
                 return
         except TunnelError as exc:
-            tunnel_error = tunnel_error or exc
+            self.tunnel_error = self.tunnel_error or exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            local_error = local_error or f"write to local connection failed: {exc}"
-        nursery.cancel_scope.cancel()
+            self.local_error = self.local_error or f"write to local connection failed: {exc}"
+        self._stop()
 
-    async def local_to_tunnel() -> None:
-        nonlocal local_error, tunnel_error
+    async def local_to_tunnel(self) -> None:
+        tunnel = self.tunnel
         try:
-            if fd is not None:
-                await direct_reads(fd)
+            if self.fd is not None:
+                await self.direct_reads(self.fd)
             else:
-                while data := await local.receive_some(read_size):
-                    if idle_timeout:
-                        active()
+                while data := await self.local.receive_some(self.read_size):
+                    if self.idle_timeout:
+                        self.active()
                     await tunnel.send_all(data)
-            if half:
+            if self.half:
                 await tunnel.send_eof()
                 return
         except TunnelError as exc:
-            tunnel_error = tunnel_error or exc
+            self.tunnel_error = self.tunnel_error or exc
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # The tunnel raises BrokenResourceError after the peer's orderly
             # close; that is the end of the splice, not a local failure.
             if not tunnel.peer_closed:
-                local_error = local_error or f"local connection failed: {exc}"
-        nursery.cancel_scope.cancel()
+                self.local_error = self.local_error or f"local connection failed: {exc}"
+        self._stop()
 
-    async def direct_reads(fd: int) -> None:
+    async def direct_reads(self, fd: int) -> None:
         """``local.receive_some`` + ``tunnel.send_all`` without their two
         scheduler rounds and one failed ``recv`` per message: wait until the
         socket is readable, read what is there, queue it as one frame. After
         a full read more is likely waiting (bulk): then read again after a
-        plain checkpoint, as ``receive_some`` would."""
+        plain checkpoint, as ``receive_some`` would. With no receiving task
+        (see :meth:`run`), this wait also enforces the tunnel's first-byte
+        timeout."""
+        tunnel = self.tunnel
+        read_size = self.read_size
         wait_readable = trio.lowlevel.wait_readable
-        checkpoint = trio.lowlevel.checkpoint
         read = os.read
-        send_nowait = tunnel._send_nowait
         full = False
         while True:
             if full:
-                await checkpoint()
+                await trio.lowlevel.checkpoint()
             else:
-                await wait_readable(fd)
+                due = tunnel._first_byte_due()
+                if due == math.inf:
+                    await wait_readable(fd)
+                else:
+                    with trio.move_on_at(due) as waited:
+                        await wait_readable(fd)
+                    if waited.cancelled_caught:
+                        tunnel._expire_first_byte()
+                        if tunnel.error is not None:
+                            raise tunnel.error
+                        continue
             try:
                 data = read(fd, read_size)
             except BlockingIOError:
@@ -202,46 +254,75 @@ async def splice(
                 raise trio.BrokenResourceError(exc) from exc
             if not data:
                 return
-            if idle_timeout:
-                active()
+            if self.idle_timeout:
+                self.active()
             full = len(data) >= read_size
-            if not send_nowait(data):
+            if not tunnel._send_nowait(data):
                 await tunnel.send_all(data)
 
-    fd = _socket_fd(local)
-    # While tunnel_to_local waits with nothing buffered, the session writes
-    # what arrives for the tunnel straight to local's socket (TunnelStream._feed).
-    sink = direct_writer(local)
-    if sink is not None and idle_timeout:
-        write = sink
+    def _spawn_receiver(self) -> None:
+        assert self.nursery is not None
+        self.nursery.start_soon(self.tunnel_to_local)
 
-        def sink(data: bytes) -> int:  # bytes written straight count as activity too
-            active()
-            return write(data)
+    def _sink(self, data: bytes) -> int:
+        """The tunnel's direct write when idle_timeout applies: counts as activity."""
+        self.active()
+        assert self.write is not None
+        return self.write(data)
 
-    tunnel._sink = sink
-    try:
-        if idle_timeout:
-            active()
-        with idle if idle_timeout else contextlib.nullcontext():
-            async with trio.open_nursery() as nursery:
-                # One direction in this task, one child: a task less per stream
-                # matters when an agent holds tens of thousands of idle streams.
-                nursery.start_soon(local_to_tunnel)
-                await tunnel_to_local()
-        if idle.cancelled_caught:
-            local_error = f"revdial: idle for {idle_timeout:g} s"
-            log.info("connection %s: no data either way for %g s, reset",
-                     tunnel.target, idle_timeout)
-        orderly = tunnel_error is None and local_error is None and tunnel.error is None
-    finally:
-        tunnel._sink = None  # before local's descriptor is closed
-        with trio.CancelScope(shield=True):
-            if orderly:
-                tunnel.close_nowait()
-                await trio.aclose_forcefully(local)
-            else:
-                await abort(tunnel, local_error)
-                await abort(local)
-    if tunnel_error is not None:
-        raise tunnel_error
+    async def run(self) -> None:
+        tunnel, local = self.tunnel, self.local
+        orderly = False
+        # While no receiver waits with data buffered, the session writes what
+        # arrives for the tunnel straight to local's socket (TunnelStream._feed).
+        if self.write is not None:
+            tunnel._sink = self._sink if self.idle_timeout else self.write
+        idle = self.idle
+        try:
+            if idle is not None:
+                self.active()
+            with idle if idle is not None else contextlib.nullcontext():
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    if self.fd is None:
+                        # One direction in this task, one child: a task less per
+                        # stream matters when an agent holds tens of thousands of
+                        # idle streams.
+                        nursery.start_soon(self.local_to_tunnel)
+                        await self.tunnel_to_local()
+                    else:
+                        # A socket: what arrives from the tunnel goes straight
+                        # to it (the sink) until a receiver is needed -- data it
+                        # did not take, the peer's EOF, a failure -- and only
+                        # then is tunnel_to_local started. An idle stream holds
+                        # this task only.
+                        tunnel._receive_lazily(self._spawn_receiver)
+                        try:
+                            await self.local_to_tunnel()
+                            if tunnel._drain_spawn is not None and (
+                                not nursery.cancel_scope.cancel_called
+                            ):
+                                # Local EOF, passed on as a half-close: the other
+                                # direction goes on in a receiver of its own.
+                                tunnel._wake()
+                        finally:
+                            tunnel._drain_spawn = None  # the nursery takes no task after this
+            if idle is not None and idle.cancelled_caught:
+                self.local_error = f"revdial: idle for {self.idle_timeout:g} s"
+                log.info("connection %s: no data either way for %g s, reset",
+                         tunnel.target, self.idle_timeout)
+            orderly = (
+                self.tunnel_error is None and self.local_error is None and tunnel.error is None
+            )
+        finally:
+            tunnel._sink = None  # before local's descriptor is closed
+            self.nursery = None
+            with trio.CancelScope(shield=True):
+                if orderly:
+                    tunnel.close_nowait()
+                    await trio.aclose_forcefully(local)
+                else:
+                    await abort(tunnel, self.local_error)
+                    await abort(local)
+        if self.tunnel_error is not None:
+            raise self.tunnel_error

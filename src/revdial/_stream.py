@@ -90,6 +90,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         "_detached",
         "_dial_started",
         "_dial_timeout",
+        "_drain_spawn",
         "_eof_sent",
         "_error",
         "_fifo_hold",
@@ -143,12 +144,15 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         self._received = False
         # One lot for readers and writers (each loop re-checks its condition
         # after waking): half the memory of an idle stream's wait queues.
-        self._lot = trio.lowlevel.ParkingLot()
+        self._lot: trio.lowlevel.ParkingLot | None = None  # made by the first park
         self._receiving = False
         self._sending = False
         #: A non-blocking write to the local socket this stream is spliced to
         #: (see :meth:`_feed`); None when nothing is spliced.
         self._sink: Callable[[bytes], int] | None = None
+        #: Set by a splice that has no receiving task yet (see
+        #: :meth:`_receive_lazily`): starts one; called once, by :meth:`_wake`.
+        self._drain_spawn: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
         return f"<TunnelStream {self.conn_id} {self.target}>"
@@ -198,7 +202,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         sink = self._sink
         if (
             sink is not None
-            and self._receiving
+            and (self._receiving or self._drain_spawn is not None)
             and not self._buffer
             and len(data) <= self._session.limits.small_frame_bytes
         ):
@@ -221,28 +225,28 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                     return
                 data = data[sent:]
         self._buffer.append(data)
-        self._lot.unpark_all()
+        self._wake()
 
     def _dial_confirmed(self) -> None:
         self._dial_done("ok")
         self._confirmed = True
         self._first_byte_deadline = math.inf  # a connected target may stay silent
-        self._lot.unpark_all()
+        self._unpark()
 
     def _peer_half_closed(self) -> None:
         self._peer_write_closed = True
-        self._lot.unpark_all()
+        self._wake()
 
     def _dequeued(self, nbytes: int) -> None:
         """The writer took ``nbytes`` of our Data out of the outbox."""
         self._queued -= nbytes
         if self._sending:
-            self._lot.unpark_all()
+            self._unpark()
 
     def _set_peer_paused(self, paused: bool) -> None:
         self._peer_paused = paused
         if not paused:
-            self._lot.unpark_all()
+            self._unpark()
 
     def _peer_closed(self, error: str | None, received_data: bool) -> None:
         """The peer sent Error for this stream (``None`` = orderly EOF)."""
@@ -282,8 +286,46 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         """The session gave our id to a new connection; keep off its tables."""
         self._detached = True
 
+    def _unpark(self) -> None:
+        if self._lot:
+            self._lot.unpark_all()
+
+    def _parking_lot(self) -> trio.lowlevel.ParkingLot:
+        lot = self._lot
+        if lot is None:
+            lot = self._lot = trio.lowlevel.ParkingLot()
+        return lot
+
     def _wake(self) -> None:
-        self._lot.unpark_all()
+        """Something for the receiver: wake it, or start it (lazy splice)."""
+        spawn = self._drain_spawn
+        if spawn is not None:
+            self._drain_spawn = None
+            spawn()
+        self._unpark()
+
+    def _receive_lazily(self, spawn: Callable[[], None]) -> None:
+        """A splice with no receiving task: ``spawn`` starts one when the
+        stream has something a receiver must handle (data the local socket
+        did not take, the peer's EOF or half-close, a failure). At once if
+        it already has. Until then data goes straight to the sink: an idle
+        spliced stream holds one task, not two."""
+        if self._buffer or self._error is not None or self._peer_eof or self._peer_write_closed:
+            spawn()
+        else:
+            self._drain_spawn = spawn
+
+    def _first_byte_due(self) -> float:
+        """The first-byte deadline while it still applies, else ``inf``."""
+        if self._received or self._confirmed or self._error is not None or self._peer_eof:
+            return math.inf
+        return self._first_byte_deadline
+
+    def _expire_first_byte(self) -> None:
+        """Time the dial out if its first-byte deadline passed with no answer
+        (what :meth:`receive_some` does for a waiting receiver)."""
+        if self._first_byte_due() <= trio.current_time() and not self._buffer:
+            self._time_out_dial()
 
     # --- trio.abc.Stream --------------------------------------------------
 
@@ -313,10 +355,10 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if self._peer_eof or self._peer_write_closed:
                     return b""
                 if self._received or self._first_byte_deadline == math.inf:
-                    await self._lot.park()
+                    await self._parking_lot().park()
                 else:
                     with trio.move_on_at(self._first_byte_deadline):
-                        await self._lot.park()
+                        await self._parking_lot().park()
                     if trio.current_time() >= self._first_byte_deadline and not (
                         self._buffer
                         or self._error
@@ -357,11 +399,11 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 if offset >= total:
                     return
                 if self._peer_paused:
-                    await self._lot.park()
+                    await self._parking_lot().park()
                     continue
                 session = self._session
                 if self._small_pending or self._queued >= session.limits.stream_outbox_bytes:
-                    await self._lot.park()  # woken by _dequeued()
+                    await self._parking_lot().park()  # woken by _dequeued()
                     continue
                 end = offset + frame_size
                 small = session._is_small(self, min(end, total) - offset)
@@ -435,7 +477,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
                 raise self._error
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
-            await self._lot.park()
+            await self._parking_lot().park()
 
     async def wait_peer_closed(self) -> None:
         """Wait until the peer closed the stream (orderly or not), the session
@@ -443,7 +485,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         :meth:`receive_some`. Cancellation is safe."""
         await trio.lowlevel.checkpoint()
         while not (self.peer_closed or self._closed):
-            await self._lot.park()
+            await self._parking_lot().park()
 
     def fail_dial_timeout(self, timeout: float) -> DialTimeoutError:
         """Give up on the dial after ``timeout`` seconds: close the stream and
@@ -471,7 +513,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         try:
             await trio.lowlevel.checkpoint()
             while self._peer_paused and not (self._closed or self._error or self._peer_eof):
-                await self._lot.park()
+                await self._parking_lot().park()
             if self._closed:
                 raise trio.ClosedResourceError("stream was closed")
         finally:
@@ -520,6 +562,7 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         if self._dial_started is not None:
             self._dial_done("cancelled")
         self._buffer.clear()
+        self._drain_spawn = None  # closed by us: nothing more to receive
         if not self._detached:
             self._session._close_stream(self.conn_id, error)
         self._wake()
