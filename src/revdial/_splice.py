@@ -196,15 +196,54 @@ class _Splice:
         self._stop()
 
     async def local_to_tunnel(self) -> None:
+        """Local -> tunnel. On a socket: ``local.receive_some`` +
+        ``tunnel.send_all`` without their two scheduler rounds and one failed
+        ``recv`` per message -- wait until the socket is readable, read what
+        is there, queue it as one frame; after a full read more is likely
+        waiting (bulk), so read again after a plain checkpoint, as
+        ``receive_some`` would. With no receiving task (see :meth:`run`),
+        this wait also enforces the tunnel's first-byte timeout. (One frame,
+        no helper coroutine: it is on the stack of every idle stream.)"""
         tunnel = self.tunnel
+        fd = self.fd
         try:
-            if self.fd is not None:
-                await self.direct_reads(self.fd)
-            else:
+            if fd is None:
                 while data := await self.local.receive_some(self.read_size):
                     if self.idle_timeout:
                         self.active()
                     await tunnel.send_all(data)
+            else:
+                read_size = self.read_size
+                full = False
+                while True:
+                    if full:
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        due = tunnel._first_byte_due()
+                        if due == math.inf:
+                            await trio.lowlevel.wait_readable(fd)
+                        else:
+                            with trio.move_on_at(due) as waited:
+                                await trio.lowlevel.wait_readable(fd)
+                            if waited.cancelled_caught:
+                                tunnel._expire_first_byte()
+                                if tunnel.error is not None:
+                                    raise tunnel.error
+                                continue
+                    try:
+                        data = os.read(fd, read_size)
+                    except BlockingIOError:
+                        full = False
+                        continue
+                    except OSError as exc:
+                        raise trio.BrokenResourceError(exc) from exc
+                    if not data:
+                        break
+                    if self.idle_timeout:
+                        self.active()
+                    full = len(data) >= read_size
+                    if not tunnel._send_nowait(data):
+                        await tunnel.send_all(data)
             if self.half:
                 await tunnel.send_eof()
                 return
@@ -216,49 +255,6 @@ class _Splice:
             if not tunnel.peer_closed:
                 self.local_error = self.local_error or f"local connection failed: {exc}"
         self._stop()
-
-    async def direct_reads(self, fd: int) -> None:
-        """``local.receive_some`` + ``tunnel.send_all`` without their two
-        scheduler rounds and one failed ``recv`` per message: wait until the
-        socket is readable, read what is there, queue it as one frame. After
-        a full read more is likely waiting (bulk): then read again after a
-        plain checkpoint, as ``receive_some`` would. With no receiving task
-        (see :meth:`run`), this wait also enforces the tunnel's first-byte
-        timeout."""
-        tunnel = self.tunnel
-        read_size = self.read_size
-        wait_readable = trio.lowlevel.wait_readable
-        read = os.read
-        full = False
-        while True:
-            if full:
-                await trio.lowlevel.checkpoint()
-            else:
-                due = tunnel._first_byte_due()
-                if due == math.inf:
-                    await wait_readable(fd)
-                else:
-                    with trio.move_on_at(due) as waited:
-                        await wait_readable(fd)
-                    if waited.cancelled_caught:
-                        tunnel._expire_first_byte()
-                        if tunnel.error is not None:
-                            raise tunnel.error
-                        continue
-            try:
-                data = read(fd, read_size)
-            except BlockingIOError:
-                full = False
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(exc) from exc
-            if not data:
-                return
-            if self.idle_timeout:
-                self.active()
-            full = len(data) >= read_size
-            if not tunnel._send_nowait(data):
-                await tunnel.send_all(data)
 
     def _spawn_receiver(self) -> None:
         assert self.nursery is not None
