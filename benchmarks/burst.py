@@ -4,12 +4,17 @@ The shape of a busy front end after a restart, or of a client pool warming
 up: N TCP clients connect to the forwarded port at once (at most
 ``--in-flight`` connects outstanding, below the kernel's listen backlog), each
 sends one byte and waits for its echo -- so every stream is up end to end --
-then all are held open. Reported per path: the time until the last echo
-(``open s``), and each tunnel process's VmRSS growth divided by N (KiB per
-stream), sampled after a settle. The clients are in a helper process
-(``benchmarks.burst client``) started fresh for every round, the echo target in
-another; paths and rounds interleave:
+then all are held open. The clients are a small C program
+(``benchmarks/c/burst_client.c``, built with ``cc`` into ``benchmarks/.build``
+on first use), so the load generator leaves the two cores to the code under
+test; ``--client python`` uses a trio client instead (a second opinion).
+Reported per path: the time until the last echo (``open s``), and each
+tunnel process's VmRSS growth divided by N (KiB per stream), sampled after a
+settle. The client process is started fresh for
+every round, the echo target (``benchmarks.baselines echo``) runs in another;
+paths and rounds interleave:
 
+* ``plain``: straight to the echo target (the floor: its own accept rate);
 * ``relay``: the bare trio TCP relay (one process; it holds both sockets of a
   connection, so compare it with each revdial side and with their sum);
 * ``revdial``: ``revdial server --forward`` -> tunnel -> ``revdial agent`` (CLI
@@ -18,7 +23,7 @@ another; paths and rounds interleave:
   (``REVDIAL_BASE_SRC=<checkout>/src``), for A/B in one run.
 
     python -m benchmarks.burst [--n 5000] [--repeat 3] [--in-flight 512]
-        [--paths relay revdial]
+        [--paths relay revdial] [--client c|python]
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import trio
 
@@ -49,6 +56,21 @@ from ._util import (
 )
 
 SETTLE_S = 1.0
+C_SOURCE = Path(__file__).with_name("c") / "burst_client.c"
+BUILD_DIR = Path(__file__).with_name(".build")
+
+
+def c_client() -> str:
+    """Path of the C client, built from ``C_SOURCE`` when missing or stale."""
+    binary = BUILD_DIR / "burst_client"
+    if binary.exists() and binary.stat().st_mtime >= C_SOURCE.stat().st_mtime:
+        return str(binary)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (apt-get install -y gcc), or use --client python")
+    BUILD_DIR.mkdir(exist_ok=True)
+    subprocess.run([cc, "-O2", "-o", str(binary), str(C_SOURCE)], check=True)
+    return str(binary)
 OPEN_TIMEOUT_S = 60.0
 
 
@@ -96,7 +118,7 @@ def client_main(argv: list[str]) -> int:
     return 0
 
 
-def one_round(path: str, n: int, in_flight: int) -> dict[str, object]:
+def one_round(path: str, n: int, in_flight: int, client_cmd: list[str]) -> dict[str, object]:
     target = free_port()
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(module_cmd("benchmarks.baselines", "echo", "--port",
@@ -106,8 +128,7 @@ def one_round(path: str, n: int, in_flight: int) -> dict[str, object]:
         time.sleep(SETTLE_S)
         before = {role: rss_kib(pid) for role, pid in tunnel.pids.items()}
         client = subprocess.Popen(
-            [*module_cmd("benchmarks.burst", "client", str(tunnel.ports[0]), str(n),
-                         str(in_flight))],
+            [*client_cmd, str(tunnel.ports[0]), str(n), str(in_flight)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
             assert client.stdout is not None
@@ -139,15 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=512)
     parser.add_argument("--paths", nargs="+", default=["relay", "revdial"],
-                        choices=["relay", "revdial", "revdial-base"])
+                        choices=["plain", "relay", "revdial", "revdial-base"])
+    parser.add_argument("--client", default="c", choices=["c", "python"])
     parser.add_argument("--name", default="burst")
     args = parser.parse_args(argv)
+    client_cmd = ([c_client()] if args.client == "c"
+                  else module_cmd("benchmarks.burst", "client"))
     raise_nofile(2 * args.n + 200)  # children inherit it
     runs: list[dict[str, object]] = []
     for r in range(args.repeat):
         order = args.paths if r % 2 == 0 else list(reversed(args.paths))
         for path in order:
-            result = one_round(path, args.n, args.in_flight)
+            result = one_round(path, args.n, args.in_flight, client_cmd)
             runs.append(result)
             per = result["kib_per_stream"]
             assert isinstance(per, dict)
@@ -164,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                for role in roles}
         rows.append([path, f"{open_s:.2f}", f"{ratio(open_s, relay_open):.2f}",
                      " / ".join(f"{role} {v:.1f}" for role, v in kib.items())])
-    print(f"{args.n} connections in a burst (at most {args.in_flight} connecting), each "
-          f"echoed once, then idle; {args.repeat} rounds, medians")
+    print(f"{args.n} connections in a burst (at most {args.in_flight} connecting, "
+          f"{args.client} client), each echoed once, then idle; {args.repeat} rounds, medians")
     print(table(["path", "open s", "x relay", "KiB per stream (RSS growth / N)"], rows))
     save(args.name, {"args": vars(args), "runs": runs})
     return 0
