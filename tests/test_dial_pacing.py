@@ -26,12 +26,16 @@ LIMITS = dataclasses.replace(
 
 
 class SlowTargets:
-    """Targets whose connect completes only when the test releases it."""
+    """Targets whose connect completes only when the test releases it, and
+    the agent's real Connect handler dialling them."""
 
     def __init__(self) -> None:
         self.waiting = 0
         self.most_waiting = 0
         self.release = trio.Event()
+        self.handler = revdial.make_connect_handler(
+            allow=["192.0.2.1:443"], dialer=self.dial, limits=LIMITS
+        )
 
     async def dial(self, proto: str, address: str) -> trio.abc.Stream:
         self.waiting += 1
@@ -44,12 +48,15 @@ class SlowTargets:
         return ours
 
 
-async def test_a_burst_is_paced_not_refused(autojump_clock: trio.abc.Clock) -> None:
-    targets = SlowTargets()
-    handler = revdial.make_connect_handler(
-        allow=["192.0.2.1:443"], dialer=targets.dial, limits=LIMITS
-    )
-    async with open_pair(limits=LIMITS, extensions=1, on_connect=handler) as p:
+@pytest.fixture
+def targets() -> SlowTargets:
+    return SlowTargets()
+
+
+async def test_a_burst_is_paced_not_refused(
+    autojump_clock: trio.abc.Clock, targets: SlowTargets
+) -> None:
+    async with open_pair(limits=LIMITS, extensions=1, on_connect=targets.handler) as p:
         dialled: list[int] = []
         async with trio.open_nursery() as nursery:
 
@@ -70,12 +77,10 @@ async def test_a_burst_is_paced_not_refused(autojump_clock: trio.abc.Clock) -> N
         assert targets.most_waiting == 4  # none refused: dial() would have raised
 
 
-async def test_waiting_dials_keep_their_order(autojump_clock: trio.abc.Clock) -> None:
-    targets = SlowTargets()
-    handler = revdial.make_connect_handler(
-        allow=["192.0.2.1:443"], dialer=targets.dial, limits=LIMITS
-    )
-    async with open_pair(limits=LIMITS, extensions=1, on_connect=handler) as p:
+async def test_waiting_dials_keep_their_order(
+    autojump_clock: trio.abc.Clock, targets: SlowTargets
+) -> None:
+    async with open_pair(limits=LIMITS, extensions=1, on_connect=targets.handler) as p:
         order: list[int] = []
         async with trio.open_nursery() as nursery:
 
@@ -93,13 +98,9 @@ async def test_waiting_dials_keep_their_order(autojump_clock: trio.abc.Clock) ->
 
 
 async def test_a_waiting_dial_times_out_with_a_typed_error(
-    autojump_clock: trio.abc.Clock,
+    autojump_clock: trio.abc.Clock, targets: SlowTargets
 ) -> None:
-    targets = SlowTargets()
-    handler = revdial.make_connect_handler(
-        allow=["192.0.2.1:443"], dialer=targets.dial, limits=LIMITS
-    )
-    async with open_pair(limits=LIMITS, extensions=1, on_connect=handler) as p, \
+    async with open_pair(limits=LIMITS, extensions=1, on_connect=targets.handler) as p, \
             trio.open_nursery() as nursery:
         for _ in range(4):
             nursery.start_soon(lambda: p.server.open_dial("tcp", "192.0.2.1:443", 30))
@@ -112,12 +113,10 @@ async def test_a_waiting_dial_times_out_with_a_typed_error(
         nursery.cancel_scope.cancel()
 
 
-async def test_waiting_dials_fail_when_the_session_ends(autojump_clock: trio.abc.Clock) -> None:
-    targets = SlowTargets()
-    handler = revdial.make_connect_handler(
-        allow=["192.0.2.1:443"], dialer=targets.dial, limits=LIMITS
-    )
-    async with open_pair(limits=LIMITS, extensions=1, on_connect=handler) as p:
+async def test_waiting_dials_fail_when_the_session_ends(
+    autojump_clock: trio.abc.Clock, targets: SlowTargets
+) -> None:
+    async with open_pair(limits=LIMITS, extensions=1, on_connect=targets.handler) as p:
         errors: list[BaseException] = []
         async with trio.open_nursery() as nursery:
 
@@ -146,12 +145,10 @@ async def test_a_plain_remotedialer_agent_is_not_paced(autojump_clock: trio.abc.
             stream.close_nowait()
 
 
-async def test_a_cancelled_waiter_passes_its_turn_on(autojump_clock: trio.abc.Clock) -> None:
-    targets = SlowTargets()
-    handler = revdial.make_connect_handler(
-        allow=["192.0.2.1:443"], dialer=targets.dial, limits=LIMITS
-    )
-    async with open_pair(limits=LIMITS, extensions=1, on_connect=handler) as p:
+async def test_a_cancelled_waiter_passes_its_turn_on(
+    autojump_clock: trio.abc.Clock, targets: SlowTargets
+) -> None:
+    async with open_pair(limits=LIMITS, extensions=1, on_connect=targets.handler) as p:
         first = [await p.server.open_dial("tcp", "192.0.2.1:443", 30) for _ in range(4)]
         got: list[revdial.TunnelStream] = []
         async with trio.open_nursery() as nursery:
