@@ -1,13 +1,15 @@
 """Per-user identities through the front door, as Rancher does it.
 
 The user-token file maps each token to a Kubernetes user (and groups); the
-front door sends ``Impersonate-User``/``Impersonate-Group`` from that mapping
-and refuses requests carrying their own ``Impersonate-*`` headers; the agent's
-service-account token authenticates. The stand-in API server
-(``StandInRBAC``) authenticates that token, lets only the service account
-impersonate, and gives alice and bob different rights -- so what each user
-may do is decided by the cluster's RBAC, per user, end to end on loopback.
-(The real ``kubectl`` does the same in ``tests/test_kubectl.py``.)
+front door sends ``Impersonate-User``/``Impersonate-Group`` from that mapping;
+the agent's service-account token authenticates. A request carrying its own
+``Impersonate-*`` headers (``kubectl --as``) is checked with the cluster first
+(SubjectAccessReviews through the agent's proxy): the mapped user's right to
+impersonate decides. The stand-in API server (``StandInRBAC``) authenticates
+that token, lets the service account impersonate anyone, and gives alice, bob
+and carol different rights -- so what each user may do, and whom they may act
+as, is decided by the cluster's RBAC, end to end on loopback. (The real
+``kubectl`` does the same in ``tests/test_kubectl.py``.)
 """
 
 from __future__ import annotations
@@ -26,26 +28,34 @@ import trio
 
 import revdial
 from revdial._frontdoor import upstream_headers
+from revdial._impersonation import ReviewCache, attributes, parse_impersonation, review_body
 from revdial._standin import HTTPConnection, StandInAPIServer, StandInRBAC
 from test_frontdoor import UPSTREAM_TOKEN, Cluster, open_cluster, tls  # noqa: F401
 
 ALICE = "alice-tok-9d1e"  # user alice, group viewers: may list pods and config maps
 BOB = "bob-tok-4c77"  # user bob: may list config maps only
+CAROL = "carol-tok-71f0"  # user carol: may list pods, may impersonate nobody
 LEGACY = "legacy-tok-0b3a"  # no user: acts as the agent's service account
 SA = "system:serviceaccount:revdial:agent"
 RBAC = StandInRBAC(
     tokens={UPSTREAM_TOKEN: SA, "direct-bob": "bob"},
     impersonators=frozenset({SA}),
     rules={
-        "alice": ["list pods", "get pods", "watch pods"],
+        SA: ["create subjectaccessreviews"],
+        # alice may act as bob (kubectl --as bob), in group auditors, with scope "view".
+        "alice": ["list pods", "get pods", "watch pods", "impersonate users bob",
+                  "impersonate groups auditors", "impersonate userextras/scopes view"],
         "bob": ["list configmaps"],
+        "carol": ["list pods"],
         "group:viewers": ["get configmaps", "list configmaps"],
+        "group:auditors": ["list pods"],
     },
 )
 USERS = f"""\
 # token       clients  identity
 {ALICE} c1 user=alice groups=viewers
 {BOB} c1 user=bob
+{CAROL} c1 user=carol
 {LEGACY} c1
 """
 PODS = "/k8s/clusters/c1/api/v1/namespaces/default/pods"
@@ -210,28 +220,164 @@ async def test_each_user_gets_their_own_rights(cluster: Cluster) -> None:
     assert seen[-1] == (SA, ("system:authenticated",))
 
 
-async def test_client_impersonation_is_refused_not_forwarded(
+def forwarded(api: StandInAPIServer) -> list[tuple[str, tuple[str, ...], str]]:
+    """What reached the cluster as requests, not as the front door's reviews."""
+    return [r for r in api.requests_as if not r[2].endswith("/subjectaccessreviews")]
+
+
+def _forbidden(user: str, resource: str, name: str, group: str = "") -> str:
+    qualified = f"{resource.partition('/')[0]}.{group}" if group else resource
+    return (f'{qualified} "{name}" is forbidden: User "{user}" cannot impersonate resource '
+            f'"{resource}" in API group "{group}" at the cluster scope')
+
+
+async def test_kubectl_as_is_decided_by_the_clusters_rbac(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="revdial")
+    as_bob = ("Impersonate-User", "bob")
+    with trio.fail_after(20):
+        # alice may impersonate bob: her request runs with bob's rights, not hers.
+        assert (await _get(cluster, CONFIGMAPS, ALICE, as_bob))[0] == 200
+        status, text = await _get(cluster, PODS, ALICE, as_bob)
+        assert status == 403
+        assert json.loads(text)["message"].startswith('pods is forbidden: User "bob" cannot list')
+        # ... and as bob in group auditors (which may list pods), with an extra she may set.
+        status, text = await _get(cluster, PODS, ALICE, as_bob,
+                                  ("Impersonate-Group", "auditors"),
+                                  ("Impersonate-Extra-Scopes", "view"))
+        assert status == 200, text
+        ran_as = forwarded(cluster.api)[-1]
+        assert ran_as[:2] == ("bob", ("auditors", "system:authenticated"))
+        # carol may not impersonate: the API server's own Forbidden Status, nothing forwarded.
+        before = len(forwarded(cluster.api))
+        status, text = await _get(cluster, PODS, CAROL, as_bob)
+        assert status == 403
+        assert json.loads(text) == {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": _forbidden("carol", "users", "bob"), "reason": "Forbidden",
+            "details": {"name": "bob", "kind": "users"}, "code": 403}
+        assert len(forwarded(cluster.api)) == before  # only the review reached the cluster
+        # A group, an extra or a uid alice may not set: denied, naming it as Kubernetes does.
+        for extra, message in (
+            (("Impersonate-Group", "system:masters"),
+             _forbidden("alice", "groups", "system:masters")),
+            (("Impersonate-Extra-Scopes", "admin"),
+             _forbidden("alice", "userextras/scopes", "admin", "authentication.k8s.io")),
+            (("Impersonate-Uid", "0"), _forbidden("alice", "uids", "0", "authentication.k8s.io")),
+        ):
+            status, text = await _get(cluster, PODS, ALICE, as_bob, extra)
+            assert (status, json.loads(text)["message"]) == (403, message), text
+        status, text = await _get(cluster, PODS, ALICE, ("Impersonate-User", "root"))
+        assert (status, json.loads(text)["message"]) == (403, _forbidden("alice", "users", "root"))
+        # A service account name is checked as Kubernetes does: serviceaccounts in its namespace.
+        status, text = await _get(cluster, PODS, ALICE,
+                                  ("Impersonate-User", "system:serviceaccount:kube-system:x"))
+        assert status == 403
+        assert json.loads(text)["message"] == (
+            'serviceaccounts "x" is forbidden: User "alice" cannot impersonate resource '
+            '"serviceaccounts" in API group "" in the namespace "kube-system"')
+    # The reviews asked about the mapped user, with the groups the cluster knows her by.
+    assert ("alice", "impersonate", "users", "bob") in cluster.api.reviews
+    assert ("carol", "impersonate", "users", "bob") in cluster.api.reviews
+    logged = caplog.text
+    assert "'carol' may not impersonate users 'bob' on 'c1'" in logged
+    for secret in (ALICE, CAROL, UPSTREAM_TOKEN):
+        assert secret not in logged
+
+
+async def test_impersonation_answers_are_cached_briefly(cluster: Cluster) -> None:
+    as_bob = ("Impersonate-User", "bob")
+    with trio.fail_after(20):
+        for _ in range(3):
+            assert (await _get(cluster, CONFIGMAPS, ALICE, as_bob))[0] == 200
+            assert (await _get(cluster, CONFIGMAPS, CAROL, as_bob))[0] == 403
+    # One review each: alice's "yes" and carol's "no" were both reused.
+    assert cluster.api.reviews == [("alice", "impersonate", "users", "bob"),
+                                   ("carol", "impersonate", "users", "bob")]
+    assert len(cluster.front_door.reviews) == 2
+
+
+async def test_impersonation_without_a_mapped_user_or_malformed_is_refused(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="revdial")
     with trio.fail_after(20):
+        # A token without user= acts as the agent's service account, whose own
+        # (broad) right to impersonate would decide: refused, never forwarded.
         for extra in ([("Impersonate-User", "alice")],
                       [("Impersonate-User", "system:admin"),
-                       ("Impersonate-Group", "system:masters")],
-                      [("Impersonate-Group", "viewers")],
+                       ("Impersonate-Group", "system:masters")]):
+            status, text = await _get(cluster, PODS, LEGACY, *extra)
+            assert status == 403, text
+            assert "needs a token mapped to a user" in text
+        # Groups, a uid or extras without a user: 400, as Kubernetes refuses them.
+        for extra in ([("Impersonate-Group", "viewers")], [("Impersonate-Uid", "0")],
                       [("impersonate-extra-scopes", "all")],
-                      [("Impersonate-Uid", "0")]):
-            for token in (BOB, LEGACY, ALICE):
-                status, text = await _get(cluster, PODS, token, *extra)
-                assert status == 403, (extra, token, text)
-                assert "impersonation" in text
+                      [("Impersonate-User", "a"), ("Impersonate-User", "b")],
+                      [("Impersonate-User", "bob"), ("Impersonate-Nonsense", "x")]):
+            status, text = await _get(cluster, PODS, ALICE, *extra)
+            assert status == 400, (extra, text)
+        # /client/ routes reach plain HTTP services: no impersonation there.
+        plain = f"/client/c1/http/127.0.0.1:{cluster.plain_api.port}/revdial/echo"
+        assert (await _get(cluster, plain, ALICE, ("Impersonate-User", "bob")))[0] == 403
         # An unknown token is still 401 first: the 403 tells nothing to strangers.
         assert (await _get(cluster, PODS, "nobody", ("Impersonate-User", "a")))[0] == 401
     assert cluster.api.requests_as == []  # none of it reached the cluster
+    assert cluster.api.reviews == []
     logged = caplog.text
-    assert "Impersonate-* headers -> 403" in logged
-    assert BOB not in logged
+    assert "Impersonate-* headers and a token mapped to no user -> 403" in logged
+    assert LEGACY not in logged
     assert "system:admin" not in logged
+
+
+async def test_impersonation_check_fails_closed(cluster: Cluster) -> None:
+    """The agent's service account may not create reviews: 502, nothing forwarded."""
+    cluster.api.rbac = StandInRBAC(tokens=RBAC.tokens, impersonators=RBAC.impersonators,
+                                   rules={k: v for k, v in RBAC.rules.items() if k != SA})
+    with trio.fail_after(20):
+        status, text = await _get(cluster, PODS, ALICE, ("Impersonate-User", "bob"))
+    assert status == 502
+    assert "cannot check impersonation" in text
+    assert "the cluster answered 403" in text
+    assert "subjectaccessreviews" in text
+    assert cluster.api.requests_as[-1][2].endswith("/subjectaccessreviews")
+
+
+def test_impersonation_attributes() -> None:
+    wanted = parse_impersonation([(b"accept", b"*/*"), (b"impersonate-user", b"bob"),
+                                  (b"impersonate-group", b"g1"), (b"impersonate-uid", b"u"),
+                                  (b"impersonate-extra-acme.com%2fproject", b"p")])
+    assert wanted is not None
+    assert [(a.resource, a.subresource, a.name, a.group) for a in attributes(wanted)] == [
+        ("users", "", "bob", ""), ("groups", "", "g1", ""),
+        ("userextras", "acme.com/project", "p", "authentication.k8s.io"),
+        ("uids", "", "u", "authentication.k8s.io")]
+    assert json.loads(review_body("alice", ["system:authenticated"], attributes(wanted)[2])) == {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": "alice", "groups": ["system:authenticated"], "resourceAttributes": {
+            "verb": "impersonate", "group": "authentication.k8s.io", "resource": "userextras",
+            "subresource": "acme.com/project", "name": "p"}}}
+    assert upstream_headers([(b"impersonate-user", b"bob"), (b"accept", b"*/*")], b"up",
+                            revdial.Identity("alice"), wanted) == [
+        (b"host", b"up"), (b"accept", b"*/*"), *wanted.headers]
+    assert parse_impersonation([(b"accept", b"*/*")]) is None
+
+
+async def test_review_cache_is_bounded_and_expires(autojump_clock: trio.abc.Clock) -> None:
+    cache = ReviewCache(ttl=5.0, max_entries=2)
+    cache.put(("a",), True, "")
+    cache.put(("b",), False, "no")
+    assert cache.get(("a",)) == (True, "")  # a is now the most recent
+    cache.put(("c",), True, "")  # bounded: b, the least recent, goes
+    assert (len(cache), cache.get(("b",))) == (2, None)
+    await trio.sleep(4.9)
+    assert cache.get(("c",)) == (True, "")
+    await trio.sleep(0.1)
+    assert cache.get(("a",)) is None  # expired after 5 s
+    off = ReviewCache(ttl=0)
+    off.put(("a",), True, "")
+    assert len(off) == 0
 
 
 async def test_token_file_changes_apply_to_the_next_request(cluster: Cluster,
