@@ -21,14 +21,16 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
+import trio.testing
 
 import revdial
 from revdial._frontdoor import upstream_headers
 from revdial._impersonation import ReviewCache, attributes, parse_impersonation, review_body
+from revdial._proxy import DEFAULT_PROXY_LIMITS, _Answer
 from revdial._standin import HTTPConnection, StandInAPIServer, StandInRBAC
 from test_frontdoor import UPSTREAM_TOKEN, Cluster, open_cluster, tls  # noqa: F401
 
@@ -432,3 +434,98 @@ def test_standin_rbac_file_errors(tmp_path: Path) -> None:
     path.write_text('{"rules": {}}')
     with pytest.raises(ValueError, match="expected"):
         StandInRBAC.load(str(path))
+
+
+# --- the check itself, against a scripted agent (memory streams, MockClock) ---------------
+
+
+class _ScriptedCluster:
+    """Stands in for the Server: each dial gets a memory stream whose far end
+    ``answer`` serves (or, with ``answer=None``, never answers)."""
+
+    def __init__(self, nursery: trio.Nursery, answer: bytes | None) -> None:
+        self.nursery = nursery
+        self.answer = answer
+        self.requests: list[bytes] = []
+        self.closed = 0
+
+    async def dial(self, client_key: str, proto: str, address: str, *,
+                   connect_timeout: float) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        self.nursery.start_soon(self._serve, theirs)
+        return ours
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        buf = bytearray()
+        while data := await stream.receive_some():
+            buf += data
+            if self.answer is not None and buf.endswith(b"}"):
+                self.requests.append(bytes(buf))
+                buf.clear()
+                await stream.send_all(self.answer)
+        self.closed += 1  # the front door closed its end
+
+
+def _reply(status: int, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % (status, len(body)) + body)
+
+
+async def _check(cluster: _ScriptedCluster, *headers: tuple[bytes, bytes]) -> None:
+    front_door = revdial.FrontDoor(cast(Any, cluster), revdial.UserTokens({"t": "*"}))
+    wanted = parse_impersonation(headers)
+    assert wanted is not None
+    await front_door._check_impersonation("c1", revdial.Identity("alice", ("dev",)), wanted,
+                                          "192.0.2.1")
+
+
+async def test_impersonation_check_answers_and_closes_its_stream(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    allowed = _reply(201, b'{"kind":"SubjectAccessReview","status":{"allowed":true}}')
+    async with trio.open_nursery() as nursery:
+        cluster = _ScriptedCluster(nursery, allowed)
+        await _check(cluster, (b"impersonate-user", b"bob"), (b"impersonate-group", b"ops"))
+        await trio.testing.wait_all_tasks_blocked()
+        # Two reviews, on one tunnel stream, closed afterwards.
+        assert [json.loads(r.partition(b"\r\n\r\n")[2])["spec"]["resourceAttributes"]["resource"]
+                for r in cluster.requests] == ["users", "groups"]
+        assert cluster.requests[0].startswith(
+            b"POST /apis/authorization.k8s.io/v1/subjectaccessreviews HTTP/1.1\r\n")
+        assert json.loads(cluster.requests[0].partition(b"\r\n\r\n")[2])["spec"]["groups"] == [
+            "dev", "system:authenticated"]
+        assert cluster.closed == 1
+        for answer, expected in (
+            (_reply(403, b'{"kind":"Status"}'), "the cluster answered 403"),
+            (_reply(201, b'{"kind":"Status"}'), "not a SubjectAccessReview"),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nnot a", "not a SubjectAccessReview"),
+            (b"garbage\r\n\r\n", "malformed answer"),
+        ):
+            cluster = _ScriptedCluster(nursery, answer)
+            with pytest.raises(_Answer) as info:
+                await _check(cluster, (b"impersonate-user", b"bob"))
+            assert info.value.status == 502
+            assert expected in info.value.message
+            await trio.testing.wait_all_tasks_blocked()
+            assert cluster.closed == 1
+        denied = _reply(201, b'{"status":{"allowed":false,"reason":"no rule"}}')
+        with pytest.raises(_Answer) as info:
+            await _check(_ScriptedCluster(nursery, denied), (b"impersonate-user", b"bob"))
+        assert info.value.status == 403
+        assert info.value.content_type == "application/json"
+        assert json.loads(info.value.message)["message"] == (
+            _forbidden("alice", "users", "bob") + ": no rule")
+
+
+async def test_impersonation_check_that_hangs_is_504_at_connect_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        cluster = _ScriptedCluster(nursery, None)  # reads the review, never answers
+        t0 = trio.current_time()
+        with pytest.raises(_Answer) as info:
+            await _check(cluster, (b"impersonate-user", b"bob"))
+        assert info.value.status == 504
+        assert trio.current_time() - t0 == DEFAULT_PROXY_LIMITS.connect_timeout
+        await trio.testing.wait_all_tasks_blocked()
+        assert cluster.closed == 1  # the tunnel stream was closed, not leaked
