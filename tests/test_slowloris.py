@@ -4,7 +4,11 @@ On the server's WebSocket listener (``Limits.handshake_timeout`` bounds the
 whole upgrade), on the front door and on the agent's reverse proxy
 (``ProxyLimits.header_timeout`` from a head's first byte to its end, after an
 ``idle_timeout`` wait for that first byte; on HTTPS the TLS handshake too,
-from the connection). Memory streams and a MockClock:
+from the connection). On the WebSocket listener a dribbling connection also
+holds no handshake slot (``revdial._handshake``): 40 of them, or a dribbled
+ClientHello with a single slot, delay no honest agent (that the slots still
+bound concurrent upgrades is checked in ``tests/test_fleet.py``). Memory
+streams and a MockClock:
 the times asserted are exact, and no test waits on the wall clock.
 """
 
