@@ -135,3 +135,30 @@ def test_the_server_runs_three_peered_replicas() -> None:
     (pdb,) = [doc for _, doc in DOCS if doc["kind"] == "PodDisruptionBudget"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert 1 <= pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def _rules_of(role_name: str) -> list[dict[str, Any]]:
+    (role,) = [doc for _, doc in DOCS
+               if doc["kind"] == "ClusterRole" and doc["metadata"]["name"] == role_name]
+    return list(role["rules"])
+
+
+def _allows(rules: list[dict[str, Any]], group: str, resource: str, verb: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"]
+               for r in rules)
+
+
+def test_the_agent_may_impersonate_and_ask_the_cluster_about_kubectl_as() -> None:
+    """The front door's identities (Impersonate-*) and its ``kubectl --as``
+    checks (SubjectAccessReviews) need these rights of the agent's account."""
+    (binding,) = [doc for _, doc in DOCS if doc["kind"] == "ClusterRoleBinding"
+                  and doc["metadata"]["name"] == "revdial-agent-impersonate"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "revdial-agent", "namespace": "revdial"}]
+    rules = _rules_of(binding["roleRef"]["name"])
+    for group, resource in (("", "users"), ("", "groups"), ("", "serviceaccounts"),
+                            ("authentication.k8s.io", "uids"),
+                            ("authentication.k8s.io", "userextras")):
+        assert _allows(rules, group, resource, "impersonate"), resource
+    assert _allows(rules, "authorization.k8s.io", "subjectaccessreviews", "create")
+    assert not _allows(rules, "", "pods", "create")  # nothing beyond that

@@ -150,9 +150,9 @@ async def test_kubectl_through_the_https_front_door(tmp_path: Path) -> None:
 
 
 async def test_kubectl_users_get_their_own_rbac_rights(tmp_path: Path) -> None:
-    """Two users through the CLI front door: the cluster's RBAC decides per user,
-    ``kubectl --as`` cannot escalate, and a removed token stops at once."""
-    from test_impersonation import ALICE, BOB, RBAC
+    """Users through the CLI front door: the cluster's RBAC decides per user and
+    whom each may act as (``kubectl --as``), and a removed token stops at once."""
+    from test_impersonation import ALICE, BOB, CAROL, RBAC
 
     ca = trustme.CA()
     ca_file = tmp_path / "ca.pem"
@@ -167,7 +167,8 @@ async def test_kubectl_users_get_their_own_rbac_rights(tmp_path: Path) -> None:
     ca.configure_trust(client_ctx)
     (tmp_path / "sa-token").write_text(UPSTREAM_TOKEN + "\n")
     users = tmp_path / "users"
-    users.write_text(f"{ALICE} c1 user=alice groups=viewers\n{BOB} c1 user=bob\n")
+    users.write_text(f"{ALICE} c1 user=alice groups=viewers\n{BOB} c1 user=bob\n"
+                     f"{CAROL} c1 user=carol\n")
 
     api = StandInAPIServer(ssl_context=api_ctx, rbac=RBAC)
     api.create_pod("default", "web-0")
@@ -188,7 +189,7 @@ async def test_kubectl_users_get_their_own_rbac_rights(tmp_path: Path) -> None:
                 with trio.fail_after(30):
                     await wait_ready(http, ALICE, client_ctx)
                 kubectl: dict[str, Kubectl] = {}
-                for name, token in (("alice", ALICE), ("bob", BOB)):
+                for name, token in (("alice", ALICE), ("bob", BOB), ("carol", CAROL)):
                     with trio.fail_after(20):
                         out = await trio.run_process(
                             [sys.executable, "-m", "revdial", "kubeconfig",
@@ -208,14 +209,37 @@ async def test_kubectl_users_get_their_own_rbac_rights(tmp_path: Path) -> None:
                 maps = await kubectl["bob"].run("get", "configmaps", "-o", "name")
                 assert maps.returncode == 0
 
-                # kubectl --as cannot escalate: refused by the front door, never forwarded.
-                before = len(api.requests_as)
-                for args in (["--as", "alice"], ["--as", "alice", "--as-group", "viewers"],
-                             ["--as", "system:admin", "--as-group", "system:masters"]):
-                    escalate = await kubectl["bob"].run(*args, "get", "pods", check=False)
-                    assert escalate.returncode != 0
-                    assert b"impersonation" in escalate.stderr, escalate
-                assert len(api.requests_as) == before
+                # kubectl --as: the cluster decides whether the user may act as another.
+                # alice may be bob: bob's rights apply (config maps yes, pods no) ...
+                maps = await kubectl["alice"].run("--as", "bob", "get", "configmaps", "-o", "name")
+                assert maps.returncode == 0
+                as_bob = await kubectl["alice"].run("--as", "bob", "get", "pods", check=False)
+                assert as_bob.returncode != 0
+                assert (b'Error from server (Forbidden): pods is forbidden: User "bob" '
+                        b'cannot list resource "pods"') in as_bob.stderr, as_bob
+                # ... and bob in group auditors, who may list pods.
+                audit = await kubectl["alice"].run("--as", "bob", "--as-group", "auditors",
+                                                   "get", "pods", "-o", "name")
+                assert audit.stdout == b"pod/web-0\n"
+                assert api.requests_as[-1][:2] == ("bob", ("auditors", "system:authenticated"))
+                # carol may not impersonate; bob may not escalate to alice or system:masters.
+                # (kubectl reads the Forbidden Status only where its discovery is cached --
+                # with a cold cache it says "Forbidden: unknown", as with a real API server --
+                # so carol runs one command as herself first.)
+                assert (await kubectl["carol"].run("get", "pods", "-o", "name")).returncode == 0
+                before = len([r for r in api.requests_as if "subjectaccessreviews" not in r[2]])
+                for who, args, forbidden in (
+                    ("carol", ["--as", "bob"], b'users "bob" is forbidden: User "carol" cannot '
+                     b'impersonate resource "users" in API group "" at the cluster scope'),
+                    ("bob", ["--as", "alice"], b'users "alice" is forbidden: User "bob"'),
+                    ("alice", ["--as", "bob", "--as-group", "system:masters"],
+                     b'groups "system:masters" is forbidden: User "alice" cannot impersonate'),
+                ):
+                    refused = await kubectl[who].run(*args, "get", "pods", check=False)
+                    assert refused.returncode != 0
+                    assert b"Error from server (Forbidden): " + forbidden in refused.stderr, refused
+                assert len([r for r in api.requests_as
+                            if "subjectaccessreviews" not in r[2]]) == before
 
                 # bob's token removed from the file: his next command is refused (401).
                 users.write_text(f"{ALICE} c1 user=alice groups=viewers\n")

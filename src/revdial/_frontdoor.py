@@ -34,27 +34,42 @@ A token mapped to a user (``user=alice``) reaches the cluster as that user,
 as Rancher does it: the front door sets ``Impersonate-User: alice`` and one
 ``Impersonate-Group`` per group on ``/k8s/clusters/...`` requests, so the
 cluster's RBAC decides per user while the agent's service account (which
-must be allowed to impersonate) authenticates. A request that carries its
-own ``Impersonate-*`` headers (``kubectl --as``, ``--as-group``) is refused
-with 403 and never forwarded: Kubernetes has no nested impersonation, so the
-front door could honour it only by checking the user's right to impersonate
-itself, which it does not; quietly dropping it would run a command meant to
-have *fewer* rights with the user's own. A token without ``user=`` acts as the
-agent's service account (the behaviour of files written before identities).
+must be allowed to impersonate) authenticates. Any ``Impersonate-*`` header
+the user sent is never passed on as is.
+
+``kubectl --as``: a request from a mapped user that carries its own
+``Impersonate-User`` (with ``Impersonate-Group``, ``-Uid``, ``-Extra-*``) is
+checked with the cluster first -- one ``SubjectAccessReview`` per header,
+sent through the same tunnel and the agent's proxy, asking whether *the
+mapped user* may ``impersonate`` that user, group, uid or extra (see
+:mod:`revdial._impersonation`). Allowed: the request goes on with the
+requested identity in place of the mapping's. Denied: 403 with the
+``Forbidden`` Status the API server would send (``users "bob" is forbidden:
+User "alice" cannot impersonate resource "users" in API group "" at the
+cluster scope``), never forwarded. Answers are cached
+(``impersonation_cache_ttl``, 5 s; 1,024 entries). A token without ``user=``
+acts as the agent's service account (the behaviour of files written before
+identities); its impersonation headers are refused with 403, since only the
+service account's own, broad, right to impersonate would decide them, and
+on ``/client/...`` routes (plain HTTP services) they are refused too.
 
 Answers of the front door itself
 --------------------------------
 =====  ================================================================
 401    no bearer token, or an unknown one (with ``WWW-Authenticate``)
-403    the token may not reach that client key, or the request carries
-       ``Impersonate-*`` headers
+400    malformed ``Impersonate-*`` headers (a group without a user, ...)
+403    the token may not reach that client key; ``Impersonate-*``
+       headers the cluster denied (a Kubernetes Status), or sent with a
+       token that maps to no user, or on a ``/client/`` route
 404    a path that is neither route
 408    a request head not complete ``ProxyLimits.header_timeout`` after
        its first byte (slow-loris)
 503    the client key has no connected agent (the body says so)
 502    the agent refused the dial (no ``--upstream``, or ``--allow``
-       does not permit the target) or could not reach the target
-504    the agent's dial timed out
+       does not permit the target) or could not reach the target; or the
+       cluster did not answer an impersonation check with a review
+504    the agent's dial timed out, or an impersonation check took longer
+       than ``ProxyLimits.connect_timeout``
 =====  ================================================================
 
 Headers: X-Forwarded-For gets the user's address appended; X-Forwarded-Proto
@@ -86,6 +101,16 @@ from ._errors import (
     DialTimeoutError,
     NoSuchClientError,
     TunnelError,
+)
+from ._impersonation import (
+    ImpersonationRequest,
+    ReviewCache,
+    ReviewError,
+    attributes,
+    forbidden_status,
+    parse_impersonation,
+    review,
+    review_body,
 )
 from ._proxy import (
     DEFAULT_PROXY_LIMITS,
@@ -346,7 +371,9 @@ class FrontDoor:
     ``await nursery.start(front_door.serve, host, port)`` listens and
     reports the bound addresses; :meth:`handle` serves one already-accepted
     connection (any ``trio.abc.Stream``). With ``ssl_context`` it serves
-    HTTPS. The front door owns no background task.
+    HTTPS. The front door owns no background task. ``impersonation_cache_ttl``:
+    how long an answer of the cluster to an impersonation check is reused
+    (``kubectl --as``; see the module docstring).
     """
 
     def __init__(
@@ -356,12 +383,15 @@ class FrontDoor:
         *,
         limits: ProxyLimits = DEFAULT_PROXY_LIMITS,
         ssl_context: ssl.SSLContext | None = None,
+        impersonation_cache_ttl: float = 5.0,
     ) -> None:
         self.server = server
         self.users = users
         self.limits = limits
         self._ssl_context = ssl_context
         self._forwarder = HTTPForwarder(limits)
+        #: Recent answers of the cluster to impersonation checks (``0``: none kept).
+        self.reviews = ReviewCache(impersonation_cache_ttl)
         #: Bound ``(host, port)`` pairs once :meth:`serve` has started.
         self.addresses: list[tuple[str, int]] = []
 
@@ -450,15 +480,15 @@ class FrontDoor:
         if path.startswith(_K8S_PREFIX):
             key_raw, _, rest = path[len(_K8S_PREFIX):].partition(b"/")
             key = unquote(key_raw.decode("latin-1"))
-            identity = self._authorize(request, key)
+            identity, wanted = self._authorize(request, key, cluster=True)
             return self._to_agent(request, key, PROXY_PROTO, PROXY_ADDRESS, b"/" + rest + suffix,
-                                  host=b"revdial.proxy", identity=identity)
+                                  host=b"revdial.proxy", identity=identity, wanted=wanted)
         if path.startswith(_CLIENT_PREFIX):
             parts = path[len(_CLIENT_PREFIX):].split(b"/", 3)
             if len(parts) < 3 or not all(parts[:3]):
                 raise _Answer(404, "not found: use /client/{client_key}/http/{host[:port]}/{path}")
             key = unquote(parts[0].decode("latin-1"))
-            self._authorize(request, key)
+            self._authorize(request, key, cluster=False)
             scheme = parts[1].decode("latin-1").lower()
             if scheme != "http":
                 raise _Answer(400, f"scheme {scheme!r} is not supported here: only http")
@@ -476,8 +506,11 @@ class FrontDoor:
         raise _Answer(404, "not found: use /k8s/clusters/{client_key}/{path} or "
                       "/client/{client_key}/http/{host[:port]}/{path}")
 
-    def _authorize(self, request: ProxyRequest, client_key: str) -> Identity | None:
-        """The identity the request runs as upstream; raises the 401/403 answers."""
+    def _authorize(
+        self, request: ProxyRequest, client_key: str, *, cluster: bool
+    ) -> tuple[Identity | None, ImpersonationRequest | None]:
+        """The identity the request runs as upstream, and the impersonation it
+        asks for (to check with the cluster); raises the 400/401/403 answers."""
         token = _bearer(request)
         if token is None:
             raise _unauthorized("unauthorized: a bearer token is required")
@@ -486,13 +519,73 @@ class FrontDoor:
             raise _unauthorized("unauthorized: unknown token")
         if not grant.allows(client_key):
             raise _Answer(403, f"forbidden: this token may not reach {client_key!r}")
-        if any(n.startswith(b"impersonate-") for n, _ in request.headers):
-            log.info("front door: request from %s with Impersonate-* headers -> 403",
-                     request.client or "?")
-            raise _Answer(403, "forbidden: impersonation (kubectl --as, --as-group) is not "
-                               "passed through the front door; requests run as the user "
-                               "your token maps to")
-        return grant.identity
+        try:
+            wanted = parse_impersonation(request.headers)
+        except ValueError as exc:
+            log.info("front door: request from %s with bad Impersonate-* headers: %s -> 400",
+                     request.client or "?", exc)
+            raise _Answer(400, f"bad request: {exc}") from None
+        if wanted is not None and (grant.identity is None or not cluster):
+            log.info("front door: request from %s with Impersonate-* headers %s -> 403",
+                     request.client or "?", "on a /client/ route" if not cluster else
+                     "and a token mapped to no user")
+            raise _Answer(403, "forbidden: impersonation (kubectl --as, --as-group) needs a "
+                               "token mapped to a user (user= in the user-token file)"
+                          if cluster else "forbidden: Impersonate-* headers are for "
+                               "/k8s/clusters/ routes only")
+        return grant.identity, wanted
+
+    async def _check_impersonation(
+        self, client_key: str, identity: Identity, wanted: ImpersonationRequest,
+        client: str | None,
+    ) -> None:
+        """Ask the cluster (SubjectAccessReviews through the agent's proxy)
+        whether ``identity`` may impersonate what ``wanted`` asks; raises the
+        403 (denied), 502 (no answer) or 504 (too slow) answer.
+
+        Cancellation closes the tunnel stream it opened; so does every return.
+        """
+        groups = (*identity.groups, "system:authenticated")
+        stream: trio.abc.Stream | None = None
+        timeout = self.limits.connect_timeout
+        try:
+            with trio.move_on_after(timeout):
+                for attrs in attributes(wanted):
+                    key = (client_key, identity.user, groups, attrs)
+                    answer = self.reviews.get(key)
+                    if answer is None:
+                        if stream is None:
+                            stream = await self.server.dial(
+                                client_key, PROXY_PROTO, PROXY_ADDRESS, connect_timeout=timeout)
+                        answer = await review(stream, b"revdial.proxy",
+                                              review_body(identity.user, groups, attrs))
+                        self.reviews.put(key, *answer)
+                    allowed, reason = answer
+                    if not allowed:
+                        log.info("front door: %r may not impersonate %s %r on %r (request "
+                                 "from %s) -> 403", identity.user, attrs.resource,
+                                 attrs.name[:100], client_key, client or "?")
+                        status = forbidden_status(identity.user, attrs, reason)
+                        raise _Answer(403, json.dumps(status), content_type="application/json")
+                log.debug("front door: %r impersonates %r on %r", identity.user,
+                          wanted.user[:100], client_key)
+                return
+            log.warning("front door: impersonation check on %r took over %g s -> 504",
+                        client_key, timeout)
+            raise _Answer(504, f"the impersonation check with cluster {client_key!r} took "
+                               f"longer than {timeout:g} s")
+        except DialError as exc:
+            raise self._dial_answer(exc, client_key, "the cluster proxy", True) from None
+        except (ReviewError, TunnelError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as exc:
+            log.warning("front door: impersonation check on %r failed: %s -> 502",
+                        client_key, _describe(exc))
+            raise _Answer(502, f"cannot check impersonation with cluster {client_key!r}: "
+                               f"{_describe(exc)} (may the agent's service account create "
+                               "subjectaccessreviews?)") from None
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
 
     def _to_agent(
         self,
@@ -504,9 +597,10 @@ class FrontDoor:
         *,
         host: bytes,
         identity: Identity | None = None,
+        wanted: ImpersonationRequest | None = None,
     ) -> Route:
         headers = with_forwarded(
-            upstream_headers(request.headers, host, identity),
+            upstream_headers(request.headers, host, identity, wanted),
             client=request.client,
             proto=request.scheme,
             host=request.header(b"host"),
@@ -532,8 +626,16 @@ class FrontDoor:
                 return self._dial_answer(cause, client_key, what, via_proxy)
             return _Answer(502, f"{what} via {client_key!r} failed: {_describe(exc)}")
 
+        check = None
+        if wanted is not None and identity is not None:
+            checked_identity, checked = identity, wanted
+
+            async def check() -> None:
+                await self._check_impersonation(client_key, checked_identity, checked,
+                                                request.client)
+
         return Route(key=(client_key, proto, address), connect=connect, target=target,
-                     headers=headers, classify=classify)
+                     headers=headers, classify=classify, check=check)
 
     @staticmethod
     def _dial_answer(exc: DialError, client_key: str, what: str, via_proxy: bool) -> _Answer:
@@ -548,7 +650,10 @@ class FrontDoor:
 
 
 def upstream_headers(
-    headers: Iterable[tuple[bytes, bytes]], host: bytes, identity: Identity | None
+    headers: Iterable[tuple[bytes, bytes]],
+    host: bytes,
+    identity: Identity | None,
+    impersonation: ImpersonationRequest | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The user's (lower-cased, end-to-end) headers as sent on to the agent.
 
@@ -557,11 +662,15 @@ def upstream_headers(
     user's impersonation headers would borrow that identity's rights -- and
     ``identity``, when given, is set as ``Impersonate-User`` plus one
     ``Impersonate-Group`` per group, so the cluster's RBAC applies to the user.
+    ``impersonation`` (the user's own ``kubectl --as``, once the cluster
+    allowed it) is sent instead of ``identity``.
     """
     out = [(b"host", host)]
     out += [(n, v) for n, v in headers
             if n not in (b"authorization", b"host") and not n.startswith(b"impersonate-")]
-    if identity is not None:
+    if impersonation is not None:
+        out += impersonation.headers
+    elif identity is not None:
         out.append((b"impersonate-user", identity.user.encode("ascii")))
         out += [(b"impersonate-group", g.encode("ascii")) for g in identity.groups]
     return out

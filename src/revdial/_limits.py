@@ -132,7 +132,10 @@ class Limits:
     #: 1,000 agents joining): a byte echoed through a session already up took
     #: 246 ms (median) with 128 slots, 55 ms with 32, 15 ms with 8; the fleet
     #: joined in 2.8, 1.9 and 2.3 s. 32 keeps enough handshakes in flight to
-    #: hide the agents' round trips.
+    #: hide the agents' round trips. A slot is held only while there is work
+    #: (TLS crypto, parsing, authorization, the 101): a connection waiting
+    #: for the peer's bytes -- a dribbled ClientHello or request head --
+    #: holds none (``revdial._handshake``), so slow-loris clients delay nobody.
     max_concurrent_handshakes: int = 32
     #: Graceful part of closing a session before it is closed forcefully.
     close_timeout: float = 2.0

@@ -216,11 +216,20 @@ class ProxyStatistics:
 class _Answer(Exception):
     """Answer the downstream with ``status`` and a short text body, then close."""
 
-    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        content_type: str = "text/plain; charset=utf-8",
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = list(headers)
+        #: The body is ``message`` (plus a newline) of this type.
+        self.content_type = content_type
 
 
 class _DownstreamGone(Exception):
@@ -289,6 +298,10 @@ class Route:
     headers: list[tuple[bytes, bytes]]
     #: Turn an upstream I/O failure into the answer to give.
     classify: Callable[[BaseException], _Answer] = field(default=_default_classify)
+    #: Awaited before the request is forwarded (and before its body is
+    #: read); raises ``_Answer`` to refuse it. The front door checks a
+    #: user's right to impersonate (``kubectl --as``) here.
+    check: Callable[[], Awaitable[None]] | None = None
 
 
 Router = Callable[[ProxyRequest], Route]
@@ -424,7 +437,12 @@ def _framing_problem(head: bytes) -> str | None:
 
 
 def _error_bytes(
-    status: int, message: str, headers: Iterable[tuple[str, str]], *, head_only: bool
+    status: int,
+    message: str,
+    headers: Iterable[tuple[str, str]],
+    *,
+    head_only: bool,
+    content_type: str = "text/plain; charset=utf-8",
 ) -> bytes:
     body = (message.strip() + "\n").encode("utf-8", "replace")
     try:
@@ -433,7 +451,7 @@ def _error_bytes(
         phrase = "Error"
     lines = [
         f"HTTP/1.1 {status} {phrase}",
-        "Content-Type: text/plain; charset=utf-8",
+        f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
         "Connection: close",
         *(f"{k}: {v}" for k, v in headers),
@@ -698,7 +716,8 @@ class _Downstream:
             return
         self.responded = True
         await self.send_raw(
-            _error_bytes(exc.status, exc.message, exc.headers, head_only=self.method == b"HEAD")
+            _error_bytes(exc.status, exc.message, exc.headers, head_only=self.method == b"HEAD",
+                         content_type=exc.content_type)
         )
 
     @property
@@ -1087,6 +1106,8 @@ class HTTPForwarder:
                 scheme=scheme,
             )
         )
+        if route.check is not None:
+            await route.check()
         headers = list(route.headers)
         framing = _request_framing(items)
         if framing == b"chunked":

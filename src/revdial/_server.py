@@ -18,6 +18,7 @@ import trio
 from trio_websocket import WebSocketRequest, wrap_server_stream
 
 from ._errors import NoSuchClientError, exception_leaves
+from ._handshake import ReplayStream, SlotGate, read_request_head
 from ._limits import DEFAULT_LIMITS, Limits
 from ._peers import PEER_ID_HEADER, PEER_TOKEN_HEADER, SELF_PEER_STATUS, PeerLink
 from ._peerstate import DEFAULT_MAX_ANNOUNCED, AnnouncedClients, peer_network, valid_peer_id
@@ -428,12 +429,14 @@ class Server:
         """Handshake on ``stream`` (TLS first, if configured), then serve the
         session until it ends; closes ``stream`` in every case. Errors are
         logged, never raised; cancellation closes the stream forcefully."""
+        gate: SlotGate | None = None
         if self._ssl_context is not None:
-            stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
+            gate = SlotGate(stream, self._handshakes)
+            stream = trio.SSLStream(gate, self._ssl_context, server_side=True)
         transport = ActivityStream(stream)
         try:
             async with trio.open_nursery() as nursery:
-                await self._handshake_and_serve(nursery, transport, peer)
+                await self._handshake_and_serve(nursery, transport, peer, gate)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One bad connection must never take the server down.
@@ -447,13 +450,14 @@ class Server:
             await trio.aclose_forcefully(transport)
 
     async def _handshake_and_serve(
-        self, nursery: trio.Nursery, transport: ActivityStream, peer: str
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str,
+        gate: SlotGate | None = None,
     ) -> None:
         # The handshake's objects (the request, its headers) live in
         # _open_session's frame only, not for the whole session.
         reserved: list[str] = []  # the client key holding a place while upgrading
         try:
-            session = await self._open_session(nursery, transport, peer, reserved)
+            session = await self._open_session(nursery, transport, peer, reserved, gate)
         finally:
             for key in reserved:
                 self._release(key)
@@ -504,24 +508,41 @@ class Server:
             )
 
     async def _open_session(
-        self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str]
+        self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str],
+        gate: SlotGate | None = None,
     ) -> Session | None:
         """The WebSocket handshake, authorization and 101: a Session, or None
         once the request was refused or timed out (logged).
 
-        At most ``max_concurrent_handshakes`` run at once; a connection beyond
-        that waits for a slot without being read, and ``handshake_timeout``
-        bounds its wait and handshake together: a returning fleet queues
-        instead of being refused, and cannot starve the sessions already up.
+        At most ``max_concurrent_handshakes`` work at once, and waiting for
+        the peer's bytes holds no slot (:mod:`revdial._handshake`): with TLS
+        (``gate``) the slot is held only while the TLS layer works on bytes
+        received; the request head is then read without one; the upgrade
+        itself (parsing, authorization, 101) runs holding one. A connection
+        beyond the limit waits for a slot, and ``handshake_timeout`` bounds
+        all of it together: a returning fleet queues instead of being
+        refused, cannot starve the sessions already up, and connections that
+        dribble their bytes (slow-loris) delay nobody and are cut at the
+        deadline.
         """
         limits = self.limits
         slots = self._handshakes
-        got_slot = False
+        phase = "handshake"
         with trio.move_on_after(limits.handshake_timeout):
+            if gate is not None:
+                tls = transport.inner
+                assert isinstance(tls, trio.SSLStream)
+                try:
+                    await tls.do_handshake()
+                finally:
+                    gate.open()
+            head = await read_request_head(transport, limits.read_size)
+            phase = "slot"
             async with slots:
-                got_slot = True
-                return await self._upgrade(nursery, transport, peer, reserved)
-        if got_slot:
+                phase = "handshake"
+                return await self._upgrade(nursery, ReplayStream(transport, head), peer,
+                                           reserved, transport)
+        if phase == "handshake":
             log.info("connection from %s: no WebSocket handshake within %.0f s", peer,
                      limits.handshake_timeout)
         else:
@@ -534,12 +555,14 @@ class Server:
         return None
 
     async def _upgrade(
-        self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str]
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, reserved: list[str],
+        transport: ActivityStream,
     ) -> Session | None:
+        """The upgrade on ``stream`` (``transport`` with the head read ahead)."""
         limits = self.limits
         request = await wrap_server_stream(
             nursery,
-            transport,
+            stream,
             max_message_size=limits.max_message_size,
             receive_buffer_size=limits.read_size,
         )

@@ -58,6 +58,9 @@ from wsproto.connection import ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
+from ._impersonation import attributes as impersonation_attributes
+from ._impersonation import forbidden_status, parse_impersonation
+
 __all__ = [
     "HTTPConnection",
     "HTTPResponse",
@@ -122,18 +125,27 @@ class StandInRBAC:
 
     * ``tokens`` maps each bearer token to a user name; a request without a
       known token gets 401 ``Unauthorized``.
-    * ``impersonators`` are the users allowed to impersonate any user and
-      group (Kubernetes' ``impersonate`` verb on ``users``/``groups``); anyone
-      else sending ``Impersonate-*`` gets 403. ``Impersonate-Group`` needs
-      ``Impersonate-User`` (400). An impersonated user is in its groups plus
-      ``system:authenticated``; a token's own user is in that group only.
+    * ``impersonators`` are the users allowed to impersonate any user, group,
+      uid and extra; others may impersonate what their rules allow (verb
+      ``impersonate``, below), as Kubernetes checks it: ``users`` NAME,
+      ``groups`` NAME, ``serviceaccounts`` NAME (for
+      ``system:serviceaccount:NS:NAME``), ``uids`` and ``userextras/KEY``.
+      Anything else sending ``Impersonate-*`` gets 403 with Kubernetes'
+      message. ``Impersonate-Group`` needs ``Impersonate-User`` (400). An
+      impersonated user is in its groups plus ``system:authenticated``; a
+      token's own user is in that group only.
     * ``rules`` maps a subject -- a user name, or ``group:NAME`` -- to rules
-      ``"VERB RESOURCE"`` (``"list pods"``, ``"get configmaps"``), ``*`` for
-      either part. Verbs: ``get``, ``list``, ``watch``, ``create``,
-      ``update``, ``delete``; resources: ``pods``, ``configmaps``,
-      ``namespaces``, in every namespace. What no rule allows gets 403
-      ``Forbidden`` with Kubernetes' message. Version, discovery, health and
-      the ``/revdial/`` diagnostics are open to every authenticated user.
+      ``"VERB RESOURCE [NAME]"`` (``"list pods"``, ``"get configmaps"``,
+      ``"impersonate users bob"``), ``*`` for verb or resource; without NAME
+      every name. Verbs: ``get``, ``list``, ``watch``, ``create``,
+      ``update``, ``delete``, ``impersonate``; resources: ``pods``,
+      ``configmaps``, ``namespaces`` (in every namespace),
+      ``subjectaccessreviews`` (``create``: ``POST
+      /apis/authorization.k8s.io/v1/subjectaccessreviews``, answered from
+      this same model) and the impersonation ones above. What no rule
+      allows gets 403 ``Forbidden`` with Kubernetes' message. Version,
+      discovery, health and the ``/revdial/`` diagnostics are open to every
+      authenticated user.
     """
 
     tokens: Mapping[str, str]
@@ -162,27 +174,38 @@ class StandInRBAC:
         user = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
         if user is None:
             raise _HTTPError(401, "Unauthorized", "Unauthorized")
-        as_user = headers.get("impersonate-user", [])
-        as_groups = tuple(headers.get("impersonate-group", []))
-        if not as_user and not as_groups and not any(
-                n.startswith("impersonate-") for n in headers):
+        raw = [(name.encode("latin-1"), value.encode("latin-1"))
+               for name, values in headers.items() for value in values]
+        try:
+            wanted = parse_impersonation(raw)
+        except ValueError as exc:
+            raise _HTTPError(400, "BadRequest", str(exc)) from None
+        if wanted is None:
             return user, ("system:authenticated",)
-        if len(as_user) != 1:
-            raise _HTTPError(400, "BadRequest",
-                             "impersonating groups or extras needs exactly one Impersonate-User")
         if user not in self.impersonators:
-            raise _HTTPError(403, "Forbidden",
-                             f'users "{as_user[0]}" is forbidden: User "{user}" cannot '
-                             'impersonate resource "users" in API group "" at the cluster scope',
-                             details={"name": as_user[0], "kind": "users"})
-        return as_user[0], (*as_groups, "system:authenticated")
+            groups = ("system:authenticated",)
+            for attrs in impersonation_attributes(wanted):
+                resource = attrs.resource + (f"/{attrs.subresource}" if attrs.subresource
+                                             else "")
+                if not self.allows(user, groups, "impersonate", resource, attrs.name):
+                    status = forbidden_status(user, attrs)
+                    raise _HTTPError(403, "Forbidden", status["message"],
+                                     details=status["details"])
+        return wanted.user, (*wanted.groups, "system:authenticated")
 
-    def allows(self, user: str, groups: tuple[str, ...], verb: str, resource: str) -> bool:
+    def allows(
+        self, user: str, groups: Iterable[str], verb: str, resource: str,
+        name: str | None = None,
+    ) -> bool:
+        """Whether a rule of ``user`` or one of ``groups`` allows this."""
+        if verb == "impersonate" and user in self.impersonators:
+            return True
         subjects = [user, *(f"group:{g}" for g in groups)]
         for subject in subjects:
             for rule in self.rules.get(subject, ()):
-                rule_verb, _, rule_resource = rule.partition(" ")
-                if rule_verb in ("*", verb) and rule_resource in ("*", resource):
+                rule_verb, rule_resource, *rule_name = rule.split()
+                if (rule_verb in ("*", verb) and rule_resource in ("*", resource)
+                        and (not rule_name or rule_name[0] == name)):
                     return True
         return False
 
@@ -299,6 +322,8 @@ class StandInAPIServer:
         self._watchers: set[_Watcher] = set()
         #: Requests served so far, by ``METHOD path``.
         self.requests: list[str] = []
+        #: SubjectAccessReviews answered: ``(user, verb, resource, name)``.
+        self.reviews: list[tuple[str, str, str, str]] = []
         #: Bound ``(host, port)`` once :meth:`serve` has started.
         self.address: tuple[str, int] | None = None
 
@@ -509,6 +534,9 @@ class StandInAPIServer:
                     await req.send(h11.Data(data=block))
             await req.send(h11.EndOfMessage())
             return False
+        if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews":
+            await self._subject_access_review(req)
+            return False
         if path in ("/healthz", "/readyz", "/livez"):
             await req.respond(200, b"ok", "text/plain")
             return False
@@ -569,6 +597,44 @@ class StandInAPIServer:
                                  "resource")
         else:
             raise _HTTPError(404, "NotFound", "the server could not find the requested resource")
+
+    async def _subject_access_review(self, req: _Request) -> None:
+        """``POST`` a SubjectAccessReview: answered from :class:`StandInRBAC`
+        (everything allowed without it), as Kubernetes answers it: 201."""
+        if req.method != "POST":
+            raise _HTTPError(405, "MethodNotAllowed", f"{req.method} is not supported here")
+        if self.rbac is not None and req.user is not None:
+            user, groups = req.user
+            if not self.rbac.allows(user, groups, "create", "subjectaccessreviews"):
+                raise _HTTPError(
+                    403, "Forbidden",
+                    f'subjectaccessreviews.authorization.k8s.io is forbidden: User "{user}" '
+                    'cannot create resource "subjectaccessreviews" in API group '
+                    '"authorization.k8s.io" at the cluster scope',
+                    details={"group": "authorization.k8s.io", "kind": "subjectaccessreviews"})
+        body = await req.read_json()
+        spec = body.get("spec") if isinstance(body, dict) else None
+        attrs = spec.get("resourceAttributes") if isinstance(spec, dict) else None
+        if not isinstance(spec, dict) or not isinstance(attrs, dict):
+            raise _HTTPError(422, "Invalid", "spec.resourceAttributes: Required value")
+        who = spec.get("user")
+        groups_in = spec.get("groups") or []
+        if not isinstance(who, str) or not who or not isinstance(groups_in, list):
+            raise _HTTPError(422, "Invalid", "spec.user: Required value")
+        resource = str(attrs.get("resource", ""))
+        if attrs.get("subresource"):
+            resource += f"/{attrs['subresource']}"
+        name = attrs.get("name")
+        allowed = self.rbac is None or self.rbac.allows(
+            who, [str(g) for g in groups_in], str(attrs.get("verb", "")), resource,
+            str(name) if name else None)
+        self.reviews.append((who, str(attrs.get("verb", "")), resource, str(name or "")))
+        status: dict[str, Any] = {"allowed": allowed}
+        if allowed and self.rbac is None:
+            status["reason"] = "the stand-in has no RBAC: everything is allowed"
+        await req.respond(201, {
+            "kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None}, "spec": spec, "status": status})
 
     def _list(self, kind: str, items: list[dict[str, Any]]) -> dict[str, Any]:
         return {"kind": kind, "apiVersion": "v1",
