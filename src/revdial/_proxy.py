@@ -34,7 +34,16 @@ connection at the front door) carries HTTP/1.1 requests. Each request is one
    Hop-by-hop headers never reach it: ``Connection`` and every header it
    names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``,
    ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization`` and
-   ``Proxy-Authenticate``. Framing is re-done by h11 on each side.
+   ``Proxy-Authenticate``. h11 parses both directions (and so decides
+   where each message ends); what is sent on is written from what h11
+   parsed and validated, without h11's writer: the upstream request head by
+   :func:`_request_head` (checked as h11 would check it; h11's client side
+   is told the method and framing only), the response head by
+   :func:`_response_head` (the upstream's fields in their order and case,
+   hop-by-hop ones dropped, framing and ``Connection: close`` as h11 would
+   set them) and the response body as received -- re-chunked only when it
+   has no length (chunked or close-delimited upstream) for an HTTP/1.1
+   client, or de-chunked for an HTTP/1.0 one.
 3. **Exchange.** An upstream connection is taken from the keep-alive pool
    (bounded, shared by every downstream connection of this proxy) or opened.
    The request body is pumped upstream while the response is read, each
