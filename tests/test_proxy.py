@@ -1352,6 +1352,39 @@ PIECES = st.lists(st.sampled_from([b"a", b"/", b"\r", b"\n", b"\r\n", b" ", b"\t
                   min_size=1, max_size=8).map(b"".join)
 
 
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+async def test_cancelled_in_the_middle_of_a_passed_response_resets_the_client(
+    version: bytes,
+) -> None:
+    """A response written as received is mid-way until its last byte: a cancel resets."""
+    sent = trio.Event()
+
+    async def partial(up: Upstream, stream: trio.abc.Stream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nthe first part")
+        sent.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with open_proxy(partial) as (proxy, _, nursery):
+            ours, client = await open_tcp_pair()
+            serving = trio.CancelScope()
+
+            async def serve() -> None:
+                with serving:
+                    await proxy(ours)
+
+            nursery.start_soon(serve)
+            async with client:
+                await client.send_all(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+                assert (await receive_until(client, b"the first part")).startswith(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n")
+                await sent.wait()
+                serving.cancel()  # e.g. the agent shutting down
+                assert await read_until_reset(client) == b""
+            assert proxy.statistics().active_requests == 0
+
+
 @FAST
 @given(
     headers=st.lists(st.tuples(
