@@ -8,6 +8,7 @@ server in the test. Timeouts run under ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -1350,6 +1351,31 @@ async def test_close_delimited_response_is_chunked_for_http11_and_kept_alive() -
 PIECES = st.lists(st.sampled_from([b"a", b"/", b"\r", b"\n", b"\r\n", b" ", b"\t", b":",
                                    b"\x00", b"\x01", b"\x7f", b"\xe9", b"x-y", b"host"]),
                   min_size=1, max_size=8).map(b"".join)
+
+
+async def test_bytes_after_a_response_never_answer_the_next_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream that sends more than its response (in the same read): that
+    connection is not pooled, so the extra bytes cannot answer another client."""
+    targets: list[bytes] = []
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(AssertionError):  # the proxy closes the connection
+            while True:
+                head = await receive_until(stream, b"\r\n\r\n")
+                targets.append(head.split(b" ")[1])
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                      b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, up, nursery):
+            for target in (b"/1", b"/2"):  # two clients, one after the other
+                raw = await raw_exchange(nursery, proxy, b"GET " + target + b" HTTP/1.1\r\n"
+                                         b"Host: a\r\nConnection: close\r\n\r\n")
+                assert raw.endswith(b"\r\n\r\nok"), raw
+            assert (targets, up.connections) == ([b"/1", b"/2"], 2)
+    assert "bytes after the response" in caplog.text
 
 
 @pytest.mark.parametrize("version", [b"1.1", b"1.0"])

@@ -892,11 +892,19 @@ class _Upstream:
             raise _UpstreamFailed("unexpected data after the response")
         return None
 
-    async def next_event(self) -> h11.Event:
+    async def next_event(self, *, buffered: bool = True) -> h11.Event:
+        """The next event, reading as needed.
+
+        ``buffered=False``: nothing was received since the request went out
+        (h11's buffer is empty: see :attr:`reusable`), so asking h11 first
+        would only get ``NEED_DATA`` back.
+        """
         while True:
-            event = self.next_event_nowait()
-            if event is not None:
-                return event
+            if buffered:
+                event = self.next_event_nowait()
+                if event is not None:
+                    return event
+            buffered = True
             try:
                 data = await self.stream.receive_some(self.read_size)
             except _STREAM_ERRORS as exc:
@@ -906,7 +914,14 @@ class _Upstream:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        """The exchange ended cleanly, and nothing beyond the response arrived.
+
+        Bytes after the response in the same read would otherwise be taken
+        for the response to the next request sent on this connection (another
+        client's, from the pool): a response that was never asked for.
+        """
+        return (self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+                and not self.conn.trailing_data[0])
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -1356,8 +1371,10 @@ class HTTPForwarder:
         """Upstream response -> downstream. True if both may be reused."""
         down, up = x.down, x.up
         try:
+            buffered = False  # a fresh or pooled connection has nothing buffered
             while True:
-                event = await up.next_event()
+                event = await up.next_event(buffered=buffered)
+                buffered = True
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
                         break
@@ -1413,6 +1430,9 @@ class HTTPForwarder:
                     raise self._abort(route, "a body in a response that has none")
                 size += len(data)
             elif isinstance(body, h11.EndOfMessage):
+                if up.conn.trailing_data[0]:  # then not reused: see _Upstream.reusable
+                    log.warning("%s %s: bytes after the response; the connection is closed",
+                                route.key, loggable_target(route.target))
                 if mode == _BODY_CHUNKED:
                     # Trailers pass on (hop-by-hop ones removed) when the
                     # client's response is chunked; otherwise they are dropped.
