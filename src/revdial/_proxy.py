@@ -60,8 +60,10 @@ connection at the front door) carries HTTP/1.1 requests. Each request is one
    its Upgrade header; after the upstream's ``101 Switching Protocols`` the
    proxy copies raw bytes both ways until either side closes.
 5. **Reuse.** When both h11 connections finished the cycle cleanly the
-   upstream connection returns to the pool and the downstream waits for its
-   next request (``idle_timeout``); otherwise both are closed.
+   upstream connection returns to the pool -- unless bytes beyond the
+   response arrived on it, which would answer the next request sent there --
+   and the downstream waits for its next request (``idle_timeout``);
+   otherwise both are closed.
 
 Errors are answered with an honest status and a short ``text/plain`` body,
 after which the downstream connection is closed cleanly:
