@@ -452,6 +452,12 @@ async def test_client_route_to_a_plain_http_target(cluster: Cluster) -> None:
         assert "refused" in resp.text
         resp = await cluster.get(f"/client/c1/https/127.0.0.1:{cluster.api.port}/version")
         assert resp.status == 400
+        # A host that would split the request head the front door writes by
+        # hand (issue 13) is refused before anything is dialled.
+        for host in ("evil%0d%0ax-injected", "evil%0d%0a", "evil%00"):
+            resp = await cluster.get(f"/client/c1/http/{host}/")
+            assert resp.status == 400, host
+            assert "invalid request line or header field" in resp.text
 
 
 # --- auth and failures ------------------------------------------------------------------

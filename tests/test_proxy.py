@@ -8,6 +8,7 @@ server in the test. Timeouts run under ``MockClock(autojump_threshold=0)``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -21,15 +22,23 @@ import h11
 import pytest
 import trio
 import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import revdial
 from conftest import open_tcp_pair, read_until_reset, receive_until, serve_target
 from revdial._proxy import (
+    _BODY_AS_IS,
+    _BODY_CHUNKED,
+    _BODY_NONE,
     PROXY_ADDRESS,
     PROXY_TARGET,
     ProxyLimits,
     ReverseProxy,
     TokenFile,
+    _Answer,
+    _request_head,
+    _response_head,
     end_to_end_headers,
 )
 from revdial._standin import HTTPConnection
@@ -1215,3 +1224,288 @@ async def test_trailers_pass_both_ways() -> None:
     assert isinstance(eom, h11.EndOfMessage)
     # The trailer field passed; a hop-by-hop one never does (RFC 9110 7.6.1).
     assert list(eom.headers.raw_items()) == [(b"x-checksum", b"sha256:abc")]
+
+
+# --- responses pass as received; request heads written by hand (issue 13) ------------
+
+#: Deterministic, fast hypothesis runs (the fuzzers in ``fuzz/`` explore randomly).
+FAST = settings(max_examples=300, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def raw_upstream(*replies: bytes) -> Handler:
+    """An upstream answering the n-th request on a connection with ``replies[n]``, verbatim."""
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        for reply in replies:
+            await receive_until(stream, b"\r\n\r\n")
+            await stream.send_all(reply)
+        await stream.receive_some()
+
+    return handler
+
+
+async def test_response_bytes_pass_unchanged_but_hop_by_hop_fields() -> None:
+    """Field names keep their case and order, values and body their bytes."""
+    reply = (b"HTTP/1.1 200 Fine Thanks\r\nX-Mixed-CASE: Some Value\r\nContent-Type: "
+             b"application/json\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\n"
+             b"Keep-Alive: timeout=5\r\nContent-Length: 11\r\nSet-Cookie: a=1\r\n"
+             b"set-cookie: b=2\r\n\r\n{\"a\": \"\xe9\"}!")
+    expected = (b"HTTP/1.1 200 Fine Thanks\r\nX-Mixed-CASE: Some Value\r\nContent-Type: "
+                b"application/json\r\nContent-Length: 11\r\nSet-Cookie: a=1\r\n"
+                b"set-cookie: b=2\r\n\r\n{\"a\": \"\xe9\"}!")
+    with trio.fail_after(10):
+        async with open_proxy(raw_upstream(reply, reply)) as (proxy, up, nursery):
+            client = downstream(nursery, proxy)
+            for _ in range(2):  # kept alive, both sides
+                await client.send_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                got = b""
+                while len(got) < len(expected):
+                    got += await client.receive_some()
+                assert got == expected
+            assert up.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("request_line", "extra"),
+    [(b"GET / HTTP/1.1\r\nConnection: close", b""), (b"GET / HTTP/1.0", b"")],
+)
+async def test_response_to_a_closing_client_says_connection_close(
+    request_line: bytes, extra: bytes
+) -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nDate: today\r\n\r\nok"
+    with trio.fail_after(10):
+        async with open_proxy(raw_upstream(reply)) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, request_line + b"\r\nHost: a\r\n\r\n")
+    assert raw == (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nDate: today\r\n"
+                   b"Connection: close\r\n\r\nok")
+
+
+async def test_later_http_version_is_kept_alive_as_h11_does() -> None:
+    """``HTTP/2.0`` on a request line is 1.1 to h11 (the fuzzer found the mismatch)."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    with trio.fail_after(10):
+        async with open_proxy(raw_upstream(reply, reply)) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/2.0\r\nHost: a\r\n\r\n"
+                                     b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    first = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    assert raw == first + b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+async def test_head_and_304_pass_without_body_and_the_connection_goes_on() -> None:
+    replies = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: \"x\"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",  # HEAD of a chunked GET
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast",
+    )
+    requests = [b"HEAD", b"HEAD", b"GET", b"DELETE", b"GET"]
+    with trio.fail_after(10):
+        async with open_proxy(raw_upstream(*replies)) as (proxy, up, nursery):
+            raw = await raw_exchange(nursery, proxy, b"".join(
+                m + b" / HTTP/1.1\r\nHost: a\r\n" + (b"Connection: close\r\n" if i == 4 else b"")
+                + b"\r\n" for i, m in enumerate(requests)))
+    assert raw == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\nETag: \"x\"\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n"
+        b"HTTP/1.1 204 No Content\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nlast"
+    )
+    assert up.connections == 1
+
+
+async def test_chunked_response_with_trailers_exact_bytes() -> None:
+    reply = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n"
+             b"5\r\nhello\r\n0\r\nX-Sum: 1\r\nKeep-Alive: x\r\n\r\n")
+    with trio.fail_after(10):
+        async with open_proxy(raw_upstream(reply, reply)) as (proxy, _, nursery):
+            raw = await raw_exchange(nursery, proxy, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+                                     b"GET / HTTP/1.0\r\nHost: a\r\n\r\n")
+    # HTTP/1.1: chunks as they came, the trailer without its hop-by-hop field;
+    # HTTP/1.0: the body alone, delimited by the close, trailers dropped.
+    assert raw == (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n0\r\nx-sum: 1\r\n\r\n"
+                   b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello")
+
+
+async def test_close_delimited_response_is_chunked_for_http11_and_kept_alive() -> None:
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.0 200 OK\r\nX-A: b\r\n\r\nsome body")
+        await stream.aclose()
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, up, nursery):
+            client = downstream(nursery, proxy)
+            conn = HTTPConnection(client)
+            resp = await conn.request("GET", "/")
+            assert (resp.body, resp.header("transfer-encoding")) == (b"some body", "chunked")
+            resp = await conn.request("GET", "/")  # the client's connection went on
+            assert resp.body == b"some body"
+            assert up.connections == 2
+
+
+#: Bytes that splitting, folding and padding are made of, strung together.
+PIECES = st.lists(st.sampled_from([b"a", b"/", b"\r", b"\n", b"\r\n", b" ", b"\t", b":",
+                                   b"\x00", b"\x01", b"\x7f", b"\xe9", b"x-y", b"host"]),
+                  min_size=1, max_size=8).map(b"".join)
+
+
+async def test_bytes_after_a_response_never_answer_the_next_request(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An upstream that sends more than its response (in the same read): that
+    connection is not pooled, so the extra bytes cannot answer another client."""
+    targets: list[bytes] = []
+
+    async def handler(up: Upstream, stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(AssertionError):  # the proxy closes the connection
+            while True:
+                head = await receive_until(stream, b"\r\n\r\n")
+                targets.append(head.split(b" ")[1])
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                                      b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nevil!")
+
+    with trio.fail_after(10):
+        async with open_proxy(handler) as (proxy, up, nursery):
+            for target in (b"/1", b"/2"):  # two clients, one after the other
+                raw = await raw_exchange(nursery, proxy, b"GET " + target + b" HTTP/1.1\r\n"
+                                         b"Host: a\r\nConnection: close\r\n\r\n")
+                assert raw.endswith(b"\r\n\r\nok"), raw
+            assert (targets, up.connections) == ([b"/1", b"/2"], 2)
+    assert "bytes after the response" in caplog.text
+
+
+@pytest.mark.parametrize("version", [b"1.1", b"1.0"])
+async def test_cancelled_in_the_middle_of_a_passed_response_resets_the_client(
+    version: bytes,
+) -> None:
+    """A response written as received is mid-way until its last byte: a cancel resets."""
+    sent = trio.Event()
+
+    async def partial(up: Upstream, stream: trio.abc.Stream) -> None:
+        await receive_until(stream, b"\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nthe first part")
+        sent.set()
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with open_proxy(partial) as (proxy, _, nursery):
+            ours, client = await open_tcp_pair()
+            serving = trio.CancelScope()
+
+            async def serve() -> None:
+                with serving:
+                    await proxy(ours)
+
+            nursery.start_soon(serve)
+            async with client:
+                await client.send_all(b"GET / HTTP/" + version + b"\r\nHost: a\r\n\r\n")
+                assert (await receive_until(client, b"the first part")).startswith(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n")
+                await sent.wait()
+                serving.cancel()  # e.g. the agent shutting down
+                assert await read_until_reset(client) == b""
+            assert proxy.statistics().active_requests == 0
+
+
+@FAST
+@given(
+    headers=st.lists(st.tuples(
+        st.one_of(st.text("-!#$%&'*+.^_`|~09azAZ", min_size=1, max_size=8).map(str.encode),
+                  PIECES),
+        st.one_of(st.binary(max_size=12), PIECES),
+    ), max_size=6),
+    target=st.one_of(st.binary(min_size=1, max_size=12), PIECES),
+    method=st.sampled_from([b"GET", b"POST", b"PUT", b"M-SEARCH"]),
+)
+def test_hand_written_request_head_is_what_h11_writes_or_refuses(
+    headers: list[tuple[bytes, bytes]], target: bytes, method: bytes
+) -> None:
+    """Same bytes as h11 for what h11 accepts; a 400 for what it refuses."""
+    headers = [(b"host", b"up.example"),
+               *((n, v) for n, v in headers if n.lower() not in (b"content-length",
+                                                                 b"transfer-encoding", b"host"))]
+    try:
+        expected: bytes | None = h11.Connection(h11.CLIENT).send(
+            h11.Request(method=method, target=target, headers=headers))
+    except h11.LocalProtocolError:
+        expected = None
+    status = 0
+    try:
+        wire: bytes | None = _request_head(method, target, headers)
+    except _Answer as exc:
+        status, wire = exc.status, None
+    assert wire == expected
+    assert status == (400 if expected is None else 0)
+
+
+@pytest.mark.parametrize("bad", [
+    (b"GET", b"/a b", [(b"host", b"a")]),
+    (b"GET", b"/", [(b"host", b"a\r\nx-injected: 1")]),
+    (b"GET", b"/", [(b"host", b"a"), (b"x", b"\x00")]),
+    (b"GET", b"/", [(b"host", b"a"), (b"bad name", b"1")]),
+    (b"GET", b"/", [(b"host", b"a"), (b"", b"1")]),
+    (b"GET", b"/", [(b"x", b"1")]),  # no Host
+])
+def test_request_head_refuses_what_would_split_it(
+    bad: tuple[bytes, bytes, list[tuple[bytes, bytes]]]
+) -> None:
+    with pytest.raises(_Answer) as info:
+        _request_head(*bad)
+    assert info.value.status == 400
+
+
+@FAST
+@given(
+    fields=st.lists(st.tuples(
+        st.sampled_from([b"X-A", b"content-type", b"Set-Cookie", b"Connection", b"Keep-Alive",
+                         b"Transfer-Encoding", b"Content-Length", b"TE", b"Trailer",
+                         b"Proxy-Authenticate", b"x-named", b"Upgrade"]),
+        st.sampled_from([b"1", b"close", b"x-named", b"chunked", b"keep-alive, X-A", b"5"]),
+    ), max_size=6),
+    status=st.sampled_from([200, 201, 204, 304, 404, 500]),
+    method=st.sampled_from([b"GET", b"HEAD", b"POST"]),
+    version=st.sampled_from([b"1.0", b"1.1"]),
+    close=st.booleans(),
+)
+def test_response_head_frames_as_h11_would(
+    fields: list[tuple[bytes, bytes]], status: int, method: bytes, version: bytes, close: bool
+) -> None:
+    """Hop-by-hop fields and framing as h11's server side wrote them before (issue 13).
+
+    The reference is the former path: ``end_to_end_headers`` (lower-casing
+    names) and h11's writer; compared with names and values lower-cased.
+    """
+    fields = [(n, v) for n, v in fields if n.lower() not in (b"transfer-encoding",
+                                                             b"content-length")]
+    framing = [(b"Transfer-Encoding", b"chunked")] if status % 2 else [(b"Content-Length", b"5")]
+    try:
+        response = h11.Response(status_code=status, headers=fields + framing, reason=b"Why")
+    except h11.LocalProtocolError:
+        return
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(method + b" / HTTP/" + version + b"\r\nHost: a\r\n"
+                        + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+    request = server.next_event()
+    assert isinstance(request, h11.Request)
+    raw = list(response.headers.raw_items())
+    chunked = any(n.lower() == b"transfer-encoding" for n, _ in raw)
+    try:
+        expected = server.send(h11.Response(
+            status_code=status, reason=b"Why",
+            headers=end_to_end_headers(raw, keep_content_length=not chunked)))
+    except h11.LocalProtocolError:
+        return
+    assert expected is not None
+    keep_alive = version == b"1.1" and not close
+    head, mode = _response_head(response, method, http11=version == b"1.1",
+                                keep_alive=keep_alive)
+    assert head.lower() == expected.lower()
+    framing_of_h11 = (
+        "none" if method == b"HEAD" or status in (204, 304)
+        else "chunked" if b"transfer-encoding: chunked" in expected.lower() else "as-is")
+    assert {_BODY_NONE: "none", _BODY_CHUNKED: "chunked", _BODY_AS_IS: "as-is"}[mode] == (
+        framing_of_h11)

@@ -34,7 +34,16 @@ connection at the front door) carries HTTP/1.1 requests. Each request is one
    Hop-by-hop headers never reach it: ``Connection`` and every header it
    names, ``Keep-Alive``, ``Proxy-Connection``, ``TE``, ``Trailer``,
    ``Transfer-Encoding``, ``Upgrade``, ``Proxy-Authorization`` and
-   ``Proxy-Authenticate``. Framing is re-done by h11 on each side.
+   ``Proxy-Authenticate``. h11 parses both directions (and so decides
+   where each message ends); what is sent on is written from what h11
+   parsed and validated, without h11's writer: the upstream request head by
+   :func:`_request_head` (checked as h11 would check it; h11's client side
+   is told the method and framing only), the response head by
+   :func:`_response_head` (the upstream's fields in their order and case,
+   hop-by-hop ones dropped, framing and ``Connection: close`` as h11 would
+   set them) and the response body as received -- re-chunked only when it
+   has no length (chunked or close-delimited upstream) for an HTTP/1.1
+   client, or de-chunked for an HTTP/1.0 one.
 3. **Exchange.** An upstream connection is taken from the keep-alive pool
    (bounded, shared by every downstream connection of this proxy) or opened.
    The request body is pumped upstream while the response is read, each
@@ -51,8 +60,10 @@ connection at the front door) carries HTTP/1.1 requests. Each request is one
    its Upgrade header; after the upstream's ``101 Switching Protocols`` the
    proxy copies raw bytes both ways until either side closes.
 5. **Reuse.** When both h11 connections finished the cycle cleanly the
-   upstream connection returns to the pool and the downstream waits for its
-   next request (``idle_timeout``); otherwise both are closed.
+   upstream connection returns to the pool -- unless bytes beyond the
+   response arrived on it, which would answer the next request sent there --
+   and the downstream waits for its next request (``idle_timeout``);
+   otherwise both are closed.
 
 Errors are answered with an honest status and a short ``text/plain`` body,
 after which the downstream connection is closed cleanly:
@@ -436,6 +447,102 @@ def _framing_problem(head: bytes) -> str | None:
     return None
 
 
+#: How :meth:`HTTPForwarder._respond` writes a response body (:func:`_response_head`).
+_BODY_NONE: Final = 0  # HEAD, 204, 304: no body at all
+_BODY_AS_IS: Final = 1  # Content-Length, or close-delimited to HTTP/1.0: bytes as received
+_BODY_CHUNKED: Final = 2  # chunked to an HTTP/1.1 client: each piece as one chunk
+
+
+def _response_head(
+    event: h11.Response, method: bytes, *, http11: bool, keep_alive: bool
+) -> tuple[bytes, int]:
+    """The downstream head for a response h11 parsed, and how to write its body.
+
+    What changes is what h11's server side would change, nothing more: the
+    fields keep their order and case, hop-by-hop ones are dropped
+    (``Connection`` and every field it names, ``Transfer-Encoding``, ...), a
+    body of unknown length (chunked or close-delimited upstream) is sent
+    chunked to an HTTP/1.1 client -- as is, the connection closing after it,
+    to an HTTP/1.0 one -- and ``Connection: close`` is added when the
+    client's request did not allow keep-alive. h11 validated the reason and
+    every name and value when it parsed them: nothing here can split a head.
+    """
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    named: set[bytes] = set()
+    chunked = False
+    for name, value in event.headers.raw_items():
+        low = name.lower()
+        if low in _HOP_BY_HOP:
+            if low == b"transfer-encoding":
+                chunked = True
+            elif low == b"connection":
+                named.update(t.strip().lower() for t in value.split(b","))
+            continue
+        kept.append((low, name, value))
+    if named:
+        kept = [f for f in kept if f[0] not in named]
+    if chunked:  # h11 refuses both; a named Transfer-Encoding is dropped all the same
+        kept = [f for f in kept if f[0] != b"content-length"]
+    has_length = not chunked and any(f[0] == b"content-length" for f in kept)
+    lines = [b"HTTP/1.1 %d %s\r\n" % (event.status_code, event.reason)]
+    lines += [b"%s: %s\r\n" % (name, value) for _, name, value in kept]
+    mode = _BODY_AS_IS
+    if event.status_code in (204, 304):
+        mode = _BODY_NONE
+    else:
+        if not has_length and http11:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+            mode = _BODY_CHUNKED
+        if method == b"HEAD":
+            mode = _BODY_NONE
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines), mode
+
+
+_END: Final = h11.EndOfMessage()
+
+#: h11's view of a request without body or upgrade (see ``HTTPForwarder._cycle``),
+#: built once for the common methods.
+_BARE_HEADS: Final = {
+    method: h11.Request(method=method, target=b"/", headers=[(b"host", b"-")])
+    for method in (b"GET", b"HEAD", b"DELETE", b"OPTIONS")
+}
+
+_TOKEN: Final = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+#: A request head as h11 would write it: method, request-target and fields as
+#: h11 0.16 validates them (``h11._abnf``: visible ASCII target; field values
+#: with obs-text, no leading or trailing space, no CR, LF or NUL).
+_REQUEST_HEAD: Final = re.compile(
+    rb"%s [\x21-\x7e]+ HTTP/1\.1\r\n(?:%s: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*\r\n"
+    % (_TOKEN, _TOKEN)
+)
+
+
+def _request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The upstream request head, written by hand and checked in one regex pass.
+
+    Fields as given (the router's, then framing); raises ``_Answer(400)`` if
+    any part could not stand in a head as itself (h11 would refuse it too).
+    """
+    if not any(name.lower() == b"host" for name, _ in headers):
+        raise _Answer(400, "bad request: no Host for the upstream request")
+    wire = b"".join([b"%s %s HTTP/1.1\r\n" % (method, target),
+                     *(b"%s: %s\r\n" % field for field in headers), b"\r\n"])
+    # The pattern alone would take a value holding "\r\n" plus a field of its
+    # own as two fields: one CRLF per line (fields, request line, end) rules
+    # that out -- the pattern admits no CR or LF but in a CRLF.
+    if wire.count(b"\r\n") != len(headers) + 2 or _REQUEST_HEAD.fullmatch(wire) is None:
+        raise _Answer(400, "bad request: an invalid request line or header field")
+    return wire
+
+
+def _last_chunk(trailers: list[tuple[bytes, bytes]]) -> bytes:
+    """A chunked body's end: the zero-length chunk, trailer fields, a blank line."""
+    return b"".join([b"0\r\n", *(b"%s: %s\r\n" % field for field in trailers), b"\r\n"])
+
+
 def _error_bytes(
     status: int,
     message: str,
@@ -517,6 +624,11 @@ class _Downstream:
         self.method = b"GET"
         #: A response head (or 101) was sent in this cycle: no error answer possible.
         self.responded = False
+        #: The request allows the connection to go on (HTTP/1.1, no ``Connection: close``).
+        self.keep_alive = True
+        #: A response written by :class:`_ResponseWriter` (not h11) is under way / done.
+        self.raw_body = False
+        self.raw_done = False
         self._on_close: Callable[[], None] | None = None
         self._data = trio.lowlevel.ParkingLot()  # the handler, waiting for bytes
         self._room = trio.lowlevel.ParkingLot()  # the reader, waiting for room in buf
@@ -525,7 +637,9 @@ class _Downstream:
 
     @property
     def http11(self) -> bool:
-        return self.conn.their_http_version == b"1.1"
+        # As h11 compares it: a client of a later HTTP/1.x-style version counts as 1.1.
+        version = self.conn.their_http_version
+        return version is not None and version >= b"1.1"
 
     async def read_ahead(self) -> None:
         """The reader task: fill :attr:`buf` until EOF, a failure or :meth:`stop_reader`.
@@ -656,7 +770,7 @@ class _Downstream:
         if problem is not None:
             raise _Answer(400, f"bad request: {problem}")
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        self.responded = False
+        self.responded = self.raw_body = self.raw_done = False
         self.conn.receive_data(self._take())
         if self.eof:
             self.conn.receive_data(b"")
@@ -703,7 +817,9 @@ class _Downstream:
 
     def end_cycle(self) -> bool:
         """Carry unparsed bytes to the next cycle; True if the connection may go on."""
-        if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+        if self.conn.their_state is not h11.DONE or not (
+            (self.raw_done and self.keep_alive) or self.conn.our_state is h11.DONE
+        ):
             return False
         trailing, closed = self.conn.trailing_data
         self.buf[:0] = trailing
@@ -723,7 +839,9 @@ class _Downstream:
     @property
     def mid_response(self) -> bool:
         """A response (or an upgraded connection) was started and is not finished."""
-        return self.responded and self.conn.our_state in (h11.SEND_BODY, h11.SWITCHED_PROTOCOL)
+        return self.responded and (
+            self.raw_body or self.conn.our_state in (h11.SEND_BODY, h11.SWITCHED_PROTOCOL)
+        )
 
     async def close(self, *, linger: bool) -> None:
         """Close cleanly; ``linger`` drains unread request bytes first (TCP only)."""
@@ -770,6 +888,19 @@ class _Upstream:
         except (h11.LocalProtocolError, *_STREAM_ERRORS) as exc:
             raise _UpstreamFailed(_describe(exc)) from exc
 
+    async def send_head(self, head: h11.Request, wire: bytes, *, end: bool) -> None:
+        """Send request head ``wire``; ``head`` (its method and framing) tells h11.
+
+        ``end``: the request has no body (its end is sent too).
+        """
+        try:
+            self.conn.send(head)
+            if end:
+                self.conn.send(_END)
+            await self.stream.send_all(wire)
+        except (h11.LocalProtocolError, *_STREAM_ERRORS) as exc:
+            raise _UpstreamFailed(_describe(exc)) from exc
+
     def next_event_nowait(self) -> h11.Event | None:
         """The next event if it needs no I/O, else ``None``."""
         try:
@@ -782,11 +913,19 @@ class _Upstream:
             raise _UpstreamFailed("unexpected data after the response")
         return None
 
-    async def next_event(self) -> h11.Event:
+    async def next_event(self, *, buffered: bool = True) -> h11.Event:
+        """The next event, reading as needed.
+
+        ``buffered=False``: nothing was received since the request went out
+        (h11's buffer is empty: see :attr:`reusable`), so asking h11 first
+        would only get ``NEED_DATA`` back.
+        """
         while True:
-            event = self.next_event_nowait()
-            if event is not None:
-                return event
+            if buffered:
+                event = self.next_event_nowait()
+                if event is not None:
+                    return event
+            buffered = True
             try:
                 data = await self.stream.receive_some(self.read_size)
             except _STREAM_ERRORS as exc:
@@ -796,7 +935,14 @@ class _Upstream:
 
     @property
     def reusable(self) -> bool:
-        return self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+        """The exchange ended cleanly, and nothing beyond the response arrived.
+
+        Bytes after the response in the same read would otherwise be taken
+        for the response to the next request sent on this connection (another
+        client's, from the pool): a response that was never asked for.
+        """
+        return (self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE
+                and not self.conn.trailing_data[0])
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
@@ -1093,7 +1239,10 @@ class HTTPForwarder:
         target = _origin_form(request.target, request.method)
         items = [(n.lower(), v) for n, v in request.headers.raw_items()]
         upgrade: bytes | None = None
-        if b"upgrade" in _comma_tokens(items, b"connection"):
+        connection = _comma_tokens(items, b"connection")
+        # As h11 decides it: the response says Connection: close otherwise.
+        down.keep_alive = request.http_version >= b"1.1" and b"close" not in connection
+        if b"upgrade" in connection:
             values = [v for n, v in items if n == b"upgrade"]
             upgrade = b", ".join(values) if values else None
         route = router(
@@ -1108,18 +1257,24 @@ class HTTPForwarder:
         )
         if route.check is not None:
             await route.check()
-        headers = list(route.headers)
         framing = _request_framing(items)
+        extra: list[tuple[bytes, bytes]] = []
         if framing == b"chunked":
-            headers.append((b"transfer-encoding", b"chunked"))
+            extra.append((b"transfer-encoding", b"chunked"))
         elif framing is not None:
-            headers.append((b"content-length", framing))
+            extra.append((b"content-length", framing))
         if upgrade is not None:
-            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
-        try:
-            head = h11.Request(method=request.method, target=route.target, headers=headers)
-        except h11.LocalProtocolError as exc:
-            raise _Answer(400, f"bad request: {exc}") from None
+            extra += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        wire = _request_head(request.method, route.target, [*route.headers, *extra])
+        # What h11's client side needs to frame the exchange (method, framing,
+        # upgrade): it tracks the state; the bytes sent are ``wire``.
+        head = None if extra else _BARE_HEADS.get(request.method)
+        if head is None:
+            try:
+                head = h11.Request(method=request.method, target=b"/",
+                                   headers=[(b"host", b"-"), *extra])
+            except h11.LocalProtocolError as exc:  # cannot happen: h11 parsed all of it
+                raise _Answer(400, f"bad request: {exc}") from None
         has_body = framing not in (None, b"0")
         if not has_body:
             # Consume the (empty) body now: a retry must not need the downstream.
@@ -1143,7 +1298,7 @@ class HTTPForwarder:
                     up = _Upstream(route.key, stream, self.limits)
                 may_retry = attempt == 1 and up.reused and not has_body
                 try:
-                    return await self._exchange(down, up, head, route, has_body=has_body,
+                    return await self._exchange(down, up, head, wire, route, has_body=has_body,
                                                 upgrade=upgrade, may_retry=may_retry)
                 except _Retry:
                     log.debug("pooled connection to %s was closed; retrying", route.key)
@@ -1157,6 +1312,7 @@ class HTTPForwarder:
         down: _Downstream,
         up: _Upstream,
         head: h11.Request,
+        wire: bytes,
         route: Route,
         *,
         has_body: bool,
@@ -1168,9 +1324,7 @@ class HTTPForwarder:
         done = False
         try:
             try:
-                await up.send(head)
-                if not has_body:
-                    await up.send(h11.EndOfMessage())
+                await up.send_head(head, wire, end=not has_body)
             except _UpstreamFailed as exc:
                 if may_retry:
                     raise _Retry from exc
@@ -1240,8 +1394,10 @@ class HTTPForwarder:
         """Upstream response -> downstream. True if both may be reused."""
         down, up = x.down, x.up
         try:
+            buffered = False  # a fresh or pooled connection has nothing buffered
             while True:
-                event = await up.next_event()
+                event = await up.next_event(buffered=buffered)
+                buffered = True
                 if isinstance(event, h11.InformationalResponse):
                     if event.status_code == 101:
                         break
@@ -1266,16 +1422,15 @@ class HTTPForwarder:
         if isinstance(event, h11.InformationalResponse):
             await self._switch(x, route, event)
             return False
-        raw = list(event.headers.raw_items())
-        chunked = bool(_comma_tokens(raw, b"transfer-encoding"))
+        # The head is written by hand from what h11 parsed (and validated); the
+        # body's bytes pass as received unless they must be (re-)chunked.
+        head, mode = _response_head(event, down.method, http11=down.http11,
+                                    keep_alive=down.keep_alive)
+        down.responded = down.raw_body = True
         # Everything already received goes out in one write: a small response
         # costs one send (one tunnel frame) instead of one per h11 event.
-        out = [down.encode(h11.Response(
-            status_code=event.status_code,
-            headers=end_to_end_headers(raw, keep_content_length=not chunked),
-            reason=event.reason,
-        ))]
-        size = len(out[0])
+        out = [head]
+        size = len(head)
         while True:
             try:
                 body = up.next_event_nowait() if size < self.limits.read_size else None
@@ -1288,17 +1443,29 @@ class HTTPForwarder:
             except _UpstreamFailed as exc:
                 raise self._abort(route, f"upstream failed mid-response: {exc}") from exc
             if isinstance(body, h11.Data):
-                out.append(down.encode(h11.Data(data=body.data)))
+                data = body.data
+                if mode == _BODY_CHUNKED:
+                    if data:  # an empty chunk would end the body
+                        out += (b"%x\r\n" % len(data), data, b"\r\n")
+                elif mode == _BODY_AS_IS:
+                    out.append(data)
+                else:  # h11 frames the upstream side alike: cannot happen
+                    raise self._abort(route, "a body in a response that has none")
+                size += len(data)
             elif isinstance(body, h11.EndOfMessage):
-                # Trailers pass on when the client's response is chunked too
-                # (HTTP/1.1 and no Content-Length); else they are dropped.
-                trailers = _trailers(body) if chunked and down.http11 else []
-                out.append(down.encode(h11.EndOfMessage(headers=trailers)))
+                if up.conn.trailing_data[0]:  # then not reused: see _Upstream.reusable
+                    log.warning("%s %s: bytes after the response; the connection is closed",
+                                route.key, loggable_target(route.target))
+                if mode == _BODY_CHUNKED:
+                    # Trailers pass on (hop-by-hop ones removed) when the
+                    # client's response is chunked; otherwise they are dropped.
+                    out.append(_last_chunk(_trailers(body)))
                 await down.send_raw(b"".join(out))
+                down.raw_body = False
+                down.raw_done = True
                 return True
             else:
                 raise self._abort(route, f"unexpected {type(body).__name__} in a response")
-            size += len(out[-1])
 
     def _abort(self, route: Route, why: str) -> _Aborted:
         """Count and log (once) a response cut off mid-way; the caller raises it."""
