@@ -20,6 +20,7 @@ import trio.testing
 import revdial
 from revdial._errors import ProtocolError
 from revdial._session import _InlineDelivery
+from revdial._wsconn import inbox_of
 from revdial.testing import FakeNetwork, echo_handler, open_session_pair
 
 
@@ -95,8 +96,11 @@ async def test_active_with_the_installed_trio_websocket(
         async with open_session_pair(allow=["10.0.0.5:80"], dialer=net.dial) as (server, client):
             await trio.testing.wait_all_tasks_blocked()
             for session in (server, client):
-                channel: object = getattr(session.ws, "_send_channel", None)
-                assert isinstance(channel, _InlineDelivery)
+                # With the tested trio-websocket the channel is revdial's Inbox
+                # (tests/test_wsconn.py), which delivers inline itself.
+                inbox = inbox_of(session.ws)
+                assert inbox is not None
+                assert inbox.delivers_inline
             stream = await server.dial(server.open_stream("tcp", "10.0.0.5:80"), 5.0)
             await stream.send_all(b"ping")
             assert await stream.receive_some() == b"ping"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import WebSocketRequest
 
 from ._errors import NoSuchClientError, exception_leaves
 from ._limits import DEFAULT_LIMITS, Limits
@@ -33,6 +33,7 @@ from ._session import (
 from ._state import ClientAnnounced, Role
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
+from ._wsconn import open_server_websocket
 
 __all__ = [
     "Authorizer",
@@ -537,7 +538,7 @@ class Server:
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str]
     ) -> Session | None:
         limits = self.limits
-        request = await wrap_server_stream(
+        request = await open_server_websocket(
             nursery,
             transport,
             max_message_size=limits.max_message_size,

@@ -71,6 +71,7 @@ from ._state import (
 )
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
+from ._wsconn import Inbox, inbox_of
 
 __all__ = [
     "EXTENSION_HEADER",
@@ -187,7 +188,11 @@ class _InlineDelivery:
     @classmethod
     def install(
         cls, ws: WebSocketConnection, deliver: Callable[[bytes | str], None]
-    ) -> _InlineDelivery | None:
+    ) -> _InlineDelivery | Inbox | None:
+        inbox = inbox_of(ws)
+        if inbox is not None:  # opened by _wsconn: its Inbox delivers inline itself
+            inbox.deliver_inline(deliver)
+            return inbox
         channel = getattr(ws, "_send_channel", None)
         receive = getattr(ws, "_recv_channel", None)
         if not isinstance(channel, trio.MemorySendChannel) or not isinstance(
@@ -372,6 +377,18 @@ class SessionStatistics:
 class Session:
     """One WebSocket carrying many streams. Create it, then ``await run()``."""
 
+    # Slots: a fleet server holds thousands of idle sessions, and a
+    # dict for ~40 attributes (past CPython's key-sharing limit) is ~1.6 KiB.
+    __slots__ = (
+        "_ended", "_ended_event", "_fifo", "_fifo_control", "_fifo_data_bytes", "_fifo_in",
+        "_fifo_out", "_nursery", "_on_connect", "_pauses_received", "_resets_local",
+        "_resets_overrun", "_resets_peer", "_resets_protocol", "_resets_sync", "_small",
+        "_small_bytes", "_small_run", "_space_lot", "_streams", "_transport", "_urgent",
+        "_writer_idle", "_writer_lot", "_writer_retire", "_writer_running", "bytes_received",
+        "bytes_sent", "client_key", "dial_stats", "end_reason", "id", "limits", "on_announce",
+        "on_end", "remote", "role", "started_at", "started_wall", "state", "ws",
+    )
+
     def __init__(
         self,
         ws: WebSocketConnection,
@@ -439,23 +456,33 @@ class Session:
         #: Small Data frames of streams with nothing else queued (see _queue_data).
         self._small: deque[tuple[bytes, int, TunnelStream]] = _NO_QUEUE
         self._small_run = 0  # small-lane bytes sent since the last bulk item
-        self._writer_lot = trio.lowlevel.ParkingLot()
+        # Parking lots and the ended Event are created when first needed
+        # (an idle session needs none of them).
+        self._writer_lot: trio.lowlevel.ParkingLot | None = None
         # The writer task runs only while there is something to write: it is
         # started by the first frame queued and retired by the reader once it
         # has been idle (see _start_writer, _retire_idle_writer).
         self._writer_running = False
         self._writer_idle = False
         self._writer_retire = False
-        self._space_lot = trio.lowlevel.ParkingLot()
+        self._space_lot: trio.lowlevel.ParkingLot | None = None
         self._nursery: trio.Nursery | None = None
         self._ended = False
         self.end_reason: BaseException | None = None
-        self.ended = trio.Event()
+        self._ended_event: trio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.role.value} {self.client_key!r}>"
 
     # --- public -----------------------------------------------------------
+
+    @property
+    def ended(self) -> trio.Event:
+        """Set once :meth:`run` has finished (the WebSocket is closed)."""
+        event = self._ended_event
+        if event is None:
+            event = self._ended_event = trio.Event()
+        return event
 
     @property
     def is_open(self) -> bool:
@@ -643,7 +670,10 @@ class Session:
     async def _wait_outbox_space(self, small: bool) -> None:
         """Wait until that lane of the outbox takes more Data (at once if ended)."""
         while self._outbox_full(small) and not self._ended:
-            await self._space_lot.park()
+            lot = self._space_lot
+            if lot is None:
+                lot = self._space_lot = trio.lowlevel.ParkingLot()
+            await lot.park()
 
     def _queue_data(self, stream: TunnelStream, chunk: memoryview, small: bool) -> None:
         """Queue one Data frame; the caller checked the stream is writable and
@@ -668,7 +698,7 @@ class Session:
             self._fifo_data_bytes += n
         stream._queued += n
         if self._writer_running:
-            self._writer_lot.unpark()
+            self._wake_writer()
         else:
             self._start_writer()
 
@@ -690,7 +720,7 @@ class Session:
             # The peer provokes replies but does not read them.
             self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
         if self._writer_running:
-            self._writer_lot.unpark()
+            self._wake_writer()
         else:
             self._start_writer()
 
@@ -891,7 +921,7 @@ class Session:
                 kept.append(item)
             self._fifo = kept
         stream._queued = 0
-        self._space_lot.unpark_all()
+        self._wake_senders()
 
     async def _run_handler(
         self, handler: ConnectHandler, stream: TunnelStream, event: ConnectRequested
@@ -907,11 +937,23 @@ class Session:
         finally:
             stream.close_nowait()
 
+    def _wake_senders(self) -> None:
+        """Wake the senders waiting for outbox space (if any ever waited)."""
+        if self._space_lot is not None:
+            self._space_lot.unpark_all()
+
+    def _wake_writer(self) -> None:
+        """Wake the writer if it is parked with nothing to write."""
+        if self._writer_lot is not None:
+            self._writer_lot.unpark()
+
     def _taken(self, stream: TunnelStream, n: int) -> None:
         """The writer took ``n`` Data bytes of ``stream`` out of the outbox."""
         self.bytes_sent += n
         stream._dequeued(n)
-        self._space_lot.unpark_all()
+        lot = self._space_lot
+        if lot is not None:
+            lot.unpark_all()
 
     def _next_frame(self) -> bytes | None:
         """Take the next frame to write, in lane order, or None if nothing is queued."""
@@ -955,7 +997,7 @@ class Session:
         writer task. The next queued frame starts a new one."""
         if self._writer_running and self._writer_idle:
             self._writer_retire = True
-            self._writer_lot.unpark()
+            self._wake_writer()
 
     async def _writer(self) -> None:
         """Write queued frames until the outbox is empty and the reader asked
@@ -975,10 +1017,14 @@ class Session:
                 if frame is None:
                     if self._writer_retire:
                         self._writer_running = self._writer_retire = False
+                        self._writer_lot = None  # nothing parks on it until the next writer
                         return
                     self._writer_idle = True
+                    lot = self._writer_lot
+                    if lot is None:
+                        lot = self._writer_lot = trio.lowlevel.ParkingLot()
                     try:
-                        await self._writer_lot.park()
+                        await lot.park()
                     finally:
                         self._writer_idle = False
                     continue
@@ -999,7 +1045,7 @@ class Session:
         except ConnectionClosed:
             # The reader sees the same closure and ends the session; no new
             # writer is started (_writer_running stays set).
-            self._space_lot.unpark_all()
+            self._wake_senders()
 
     def _writer_has_small_next(self, limit: int) -> bool:
         """Is the frame :meth:`_next_frame` would take next at most ``limit`` bytes?"""
@@ -1065,8 +1111,9 @@ class Session:
         self._fifo_data_bytes = 0
         self._small_bytes = 0
         self._fifo_control = 0
-        self._space_lot.unpark_all()
-        self._writer_lot.unpark_all()
+        self._wake_senders()
+        if self._writer_lot is not None:
+            self._writer_lot.unpark_all()
         if self.on_end is not None:
             on_end, self.on_end = self.on_end, None
             on_end(self)
