@@ -37,9 +37,12 @@ from conftest import (
 from revdial._session import (
     _NO_QUEUE,
     _OPENED_HANDSHAKE,
+    _SET_EVENT,
     HANDSHAKE_TESTED_VERSIONS,
+    _EventList,
     release_handshake_state,
 )
+from revdial._wsconn import inbox_of
 from session_pairs import open_pair
 
 
@@ -68,6 +71,13 @@ async def test_sessions_keep_no_handshake_state(server: revdial.Server) -> None:
             ws: Any = session.ws
             assert ws._wsproto.handshake is _OPENED_HANDSHAKE
             assert ws._initial_request is None
+            assert type(ws._wsproto.connection._events) is _EventList
+            assert ws._open_handshake is ws._for_testing_peer_closed_connection is _SET_EVENT
+            # trio-websocket's message channel is revdial's Inbox, holding nothing.
+            inbox = inbox_of(ws)
+            assert inbox is not None
+            assert inbox.delivers_inline
+            assert inbox._queue is None
             # An idle session has not allocated its outbox queues.
             assert session._urgent is session._fifo is session._small is _NO_QUEUE
         assert release_handshake_state(ours.ws)  # idempotent

@@ -330,6 +330,33 @@ class _OpenedHandshake:
 _OPENED_HANDSHAKE = _OpenedHandshake()
 
 
+class _EventList(list[Any]):
+    """What replaces the open ``wsproto.Connection``'s ``_events`` deque.
+
+    wsproto queues an event there only when the transport ends without a
+    Close frame (``receive_data(None)``); ``events()`` drains it with
+    ``popleft``. An empty deque is ~760 bytes, an empty list 56.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def _set_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
+
+
+#: Stands in for trio-websocket's ``_open_handshake`` Event once it was set
+#: (a set Event stays set: ``wait()`` returns at once, ``set()`` does
+#: nothing) and for ``_for_testing_peer_closed_connection``, which only
+#: trio-websocket's own tests wait for.
+_SET_EVENT = _set_event()
+
+
 def release_handshake_state(ws: object) -> bool:
     """Let the opening handshake's objects go once the WebSocket is open.
 
@@ -338,11 +365,17 @@ def release_handshake_state(ws: object) -> bool:
     and trio-websocket 0.12 the client's ``Request``; neither is used again
     after the 101. On a fleet server of idle sessions that is a tenth of each
     session. This swaps the handshake for :class:`_OpenedHandshake` and drops
-    the client's request -- private attributes (``WebSocketConnection._wsproto``,
-    ``._initial_request``, ``H11Handshake._events``), so only for the
+    the client's request; it also swaps the open connection's (empty) event
+    deque for an :class:`_EventList` and trio-websocket's set
+    ``_open_handshake`` Event and its test-only
+    ``_for_testing_peer_closed_connection`` Event for the shared, set
+    :data:`_SET_EVENT` (~1.3 KiB together). These are private attributes
+    (``WebSocketConnection._wsproto``, ``._initial_request``,
+    ``._open_handshake``, ``._for_testing_peer_closed_connection``,
+    ``H11Handshake._events``, ``Connection._events``), so only for the
     releases in :data:`HANDSHAKE_TESTED_VERSIONS`, and only when the
     connection is open with no handshake event pending. Returns whether it
-    did; ``tests/test_handshake_release.py`` fails loudly on other releases.
+    did; ``tests/test_fleet.py`` fails loudly on other releases.
     Synchronous: call it in the task that completed the handshake.
     """
     if not isinstance(ws, WebSocketConnection):
@@ -363,6 +396,16 @@ def release_handshake_state(ws: object) -> bool:
     connection.handshake = _OPENED_HANDSHAKE  # type: ignore[assignment]
     if hasattr(ws, "_initial_request"):
         ws._initial_request = None
+    opened: Any = connection.connection
+    events = getattr(opened, "_events", None)
+    if type(events) is deque and not events:
+        opened._events = _EventList()
+    conn: Any = ws
+    opening = getattr(conn, "_open_handshake", None)
+    if isinstance(opening, trio.Event) and opening.is_set():
+        conn._open_handshake = _SET_EVENT
+    if isinstance(getattr(conn, "_for_testing_peer_closed_connection", None), trio.Event):
+        conn._for_testing_peer_closed_connection = _SET_EVENT
     return True
 
 
