@@ -33,6 +33,7 @@ from ._session import (
 from ._state import ClientAnnounced, Role
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
+from ._watch import KeepaliveWatch
 from ._wsconn import open_server_websocket
 
 __all__ = [
@@ -186,6 +187,8 @@ class Server:
         self.path = path
         self._ssl_context = ssl_context
         self._sessions: dict[str, list[Session]] = {}
+        #: Holds the keepalive deadlines of this server's sessions while it serves.
+        self._keepalive = KeepaliveWatch()
         self._changed = trio.Event()
         self._listening = False
         #: Outcomes and latency of every dial through this server's sessions.
@@ -404,6 +407,7 @@ class Server:
         log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.addresses))
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self._keepalive.run)
                 await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
                 self._listening = True
                 # Peer links run here, owned by the server (cancelled with it).
@@ -571,6 +575,7 @@ class Server:
             remote=peer,
             dial_stats=self.dial_stats,
             on_announce=_PeerRecorder(self, client_key) if is_peer else None,
+            watch=self._keepalive if self._keepalive.running else None,
         )
 
     async def _check_peer(

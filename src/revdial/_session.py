@@ -71,6 +71,7 @@ from ._state import (
 )
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
+from ._watch import KeepaliveWatch
 from ._wsconn import Inbox, inbox_of
 
 __all__ = [
@@ -307,6 +308,9 @@ class _Unallocated(deque[Any]):
 
 _NO_QUEUE: deque[Any] = _Unallocated()
 
+#: The reader's "scope" when a KeepaliveWatch holds its deadline.
+_NO_SCOPE = contextlib.nullcontext()
+
 
 #: trio-websocket and wsproto releases whose handshake objects
 #: :func:`release_handshake_state` knows.
@@ -427,7 +431,8 @@ class Session:
         "_fifo_out", "_nursery", "_on_connect", "_pauses_received", "_resets_local",
         "_resets_overrun", "_resets_peer", "_resets_protocol", "_resets_sync", "_small",
         "_small_bytes", "_small_run", "_space_lot", "_streams", "_transport", "_urgent",
-        "_writer_idle", "_writer_lot", "_writer_retire", "_writer_running", "bytes_received",
+        "_watch", "_writer_idle", "_writer_lot", "_writer_retire", "_writer_running",
+        "bytes_received",
         "bytes_sent", "client_key", "dial_stats", "end_reason", "id", "limits", "on_announce",
         "on_end", "remote", "role", "started_at", "started_wall", "state", "ws",
     )
@@ -446,6 +451,7 @@ class Session:
         remote: str = "",
         dial_stats: DialStats | None = None,
         on_announce: Callable[[ClientAnnounced], None] | None = None,
+        watch: KeepaliveWatch | None = None,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -478,6 +484,9 @@ class Session:
             extensions=extensions,
         )
         self._on_connect = on_connect
+        #: Who holds the keepalive deadline: a server's watch (running), or
+        #: None: the reader, in a cancel scope of its own.
+        self._watch = watch
         #: Called synchronously for each AddClient/RemoveClient received
         #: (server sessions; a peer's announcements). None: ignored.
         self.on_announce = on_announce
@@ -779,23 +788,27 @@ class Session:
 
     async def _reader(self) -> None:
         """Wait for the WebSocket's end (messages are mostly handled inline)
-        and watch for a silent peer: the keepalive deadline is this task's,
-        so a session needs no watchdog task of its own."""
+        and watch for a silent peer: the keepalive deadline is this task's
+        (or, on a server, its :class:`~revdial._watch.KeepaliveWatch`'s), so
+        a session needs no watchdog task of its own."""
         ws = self.ws
         inline = _InlineDelivery.install(ws, self._deliver)
         timeout = self.limits.ping_timeout
         transport = self._transport
+        watch = self._watch
+        entry = None
         try:
+            if watch is not None:  # the server's KeepaliveWatch holds the deadline
+                entry = watch.watch(self, transport.last_receive + timeout)
             while True:
-                # One cancel scope per ping_timeout of quiet, not per message.
-                deadline = transport.last_receive + timeout
-                if trio.current_time() >= deadline:
-                    self._abort(
-                        SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)")
-                    )
-                    return
-                self._retire_idle_writer()
-                with trio.CancelScope(deadline=deadline):
+                scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
+                if watch is None:
+                    # One cancel scope per ping_timeout of quiet, not per message.
+                    deadline = self._keepalive_due(trio.current_time())
+                    if deadline is None:
+                        return
+                    scope = trio.CancelScope(deadline=deadline)
+                with scope:
                     while True:
                         try:
                             message = await ws.get_message()
@@ -812,6 +825,23 @@ class Session:
                         self._deliver(message)
         except ProtocolError as exc:
             self._abort(exc)
+        finally:
+            if entry is not None:
+                entry[2] = None  # the watch lets go of this session
+
+    def _keepalive_due(self, now: float) -> float | None:
+        """At a keepalive deadline: end the session if the peer was silent for
+        ``ping_timeout`` (None), else retire an idle writer and return the
+        next deadline (``ping_timeout`` after the last byte received)."""
+        if self._ended:
+            return None
+        timeout = self.limits.ping_timeout
+        deadline = self._transport.last_receive + timeout
+        if now >= deadline:
+            self._abort(SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)"))
+            return None
+        self._retire_idle_writer()
+        return deadline
 
     def _deliver(self, message: bytes | str) -> None:
         """Handle one WebSocket message (from :meth:`_reader` or inline)."""
