@@ -421,13 +421,15 @@ class Server:
 
     # --- internals --------------------------------------------------------
 
-    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
+    def _handle_connection(self, tcp: trio.SocketStream) -> Awaitable[None]:
+        # Not a coroutine itself: the connection's task runs _serve_stream
+        # directly (a coroutine frame less per idle session).
         try:
             peer = _fmt(*tcp.socket.getpeername()[:2])
         except OSError:
             peer = "?"
         tune_transport(tcp, self.limits)
-        await self._serve_stream(tcp, peer)
+        return self._serve_stream(tcp, peer)
 
     async def _serve_stream(self, stream: trio.abc.Stream, peer: str) -> None:
         """Handshake on ``stream`` (TLS first, if configured), then serve the
@@ -438,7 +440,14 @@ class Server:
         transport = ActivityStream(stream)
         try:
             async with trio.open_nursery() as nursery:
-                await self._handshake_and_serve(nursery, transport, peer)
+                # The handshake's objects (the request, its headers) live in
+                # _start_session's frame only, not for the whole session.
+                session = await self._start_session(nursery, transport, peer)
+                if session is not None:
+                    try:
+                        await session.run()
+                    finally:
+                        self._end_session(session, peer)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
             # One bad connection must never take the server down.
@@ -451,11 +460,21 @@ class Server:
         finally:
             await trio.aclose_forcefully(transport)
 
-    async def _handshake_and_serve(
+    @staticmethod
+    def _session_fields(session: Session, peer: str) -> tuple[str, dict[str, Any]]:
+        """"client" or "peer", and the structured log fields of ``session``."""
+        is_peer = isinstance(session.on_announce, _PeerRecorder)
+        fields: dict[str, Any] = {
+            "session_id": session.id, "client_key": session.client_key, "remote": peer
+        }
+        if is_peer:
+            fields["peer"] = True
+        return ("peer" if is_peer else "client"), fields
+
+    async def _start_session(
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str
-    ) -> None:
-        # The handshake's objects (the request, its headers) live in
-        # _open_session's frame only, not for the whole session.
+    ) -> Session | None:
+        """Handshake, then register and log the session (None: refused, logged)."""
         reserved: list[str] = []  # the client key holding a place while upgrading
         try:
             session = await self._open_session(nursery, transport, peer, reserved)
@@ -463,50 +482,47 @@ class Server:
             for key in reserved:
                 self._release(key)
         if session is None:
-            return
-        client_key = session.client_key
-        is_peer = isinstance(session.on_announce, _PeerRecorder)
-        what = "peer" if is_peer else "client"
+            return None
         self._register(session)  # no checkpoint since _release: the counts stay exact
-        fields = {"session_id": session.id, "client_key": client_key, "remote": peer}
-        if is_peer:
-            fields["peer"] = True
+        what, fields = self._session_fields(session, peer)
         log.info(
             "session %s: %s %r connected from %s (%s)",
             session.id,
             what,
-            client_key,
+            session.client_key,
             peer,
             f"revdial extension v{session.extensions}" if session.extensions
             else "plain remotedialer",
             extra={**fields, "event": "session_start", "extension": session.extensions},
         )
-        try:
-            await session.run()
-        finally:
-            self._unregister(session)
-            duration = trio.current_time() - session.started_at
-            c = session.counters()
-            log.info(
-                "session %s: %s %r from %s disconnected after %.1f s "
-                "(%d bytes in, %d bytes out): %s",
-                session.id,
-                what,
-                client_key,
-                peer,
-                duration,
-                c.bytes_received,
-                c.bytes_sent,
-                session.end_reason or "closed",
-                extra={
-                    **fields,
-                    "event": "session_end",
-                    "duration_s": round(duration, 3),
-                    "bytes_in": c.bytes_received,
-                    "bytes_out": c.bytes_sent,
-                    "reason": str(session.end_reason or "closed"),
-                },
-            )
+        return session
+
+    def _end_session(self, session: Session, peer: str) -> None:
+        """Unregister and log a session that ended."""
+        self._unregister(session)
+        what, fields = self._session_fields(session, peer)
+        duration = trio.current_time() - session.started_at
+        c = session.counters()
+        log.info(
+            "session %s: %s %r from %s disconnected after %.1f s "
+            "(%d bytes in, %d bytes out): %s",
+            session.id,
+            what,
+            session.client_key,
+            peer,
+            duration,
+            c.bytes_received,
+            c.bytes_sent,
+            session.end_reason or "closed",
+            extra={
+                **fields,
+                "event": "session_end",
+                "duration_s": round(duration, 3),
+                "bytes_in": c.bytes_received,
+                "bytes_out": c.bytes_sent,
+                "reason": str(session.end_reason or "closed"),
+            },
+        )
 
     async def _open_session(
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str]

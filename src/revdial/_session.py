@@ -793,6 +793,9 @@ class Session:
         a session needs no watchdog task of its own."""
         ws = self.ws
         inline = _InlineDelivery.install(ws, self._deliver)
+        # With an Inbox, wait on it directly (what get_message does, a
+        # coroutine frame less while idle).
+        get_message = inline.receive if isinstance(inline, Inbox) else ws.get_message
         timeout = self.limits.ping_timeout
         transport = self._transport
         watch = self._watch
@@ -811,9 +814,10 @@ class Session:
                 with scope:
                     while True:
                         try:
-                            message = await ws.get_message()
-                        except ConnectionClosed as exc:
-                            reason = exc.reason
+                            message = await get_message()
+                        except (ConnectionClosed, trio.EndOfChannel,
+                                trio.ClosedResourceError) as exc:
+                            reason = exc.reason if isinstance(exc, ConnectionClosed) else ws.closed
                             self.end_reason = SessionLostError(
                                 f"WebSocket closed ({reason.code} {reason.name})"
                                 if reason is not None
