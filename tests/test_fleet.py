@@ -333,3 +333,77 @@ async def test_server_sessions_share_one_keepalive_watch(
     lost = [r.getMessage() for r in caplog.records if "keepalive timeout" in r.getMessage()]
     assert len(lost) == 3, lost
     assert not watch.running
+
+
+async def test_a_serving_server_runs_the_websocket_readers_itself(
+    server: revdial.Server,
+) -> None:
+    """While serving, trio-websocket's reader runs in the server's nursery:
+    an idle session is its connection's task with no nursery or task below
+    it (the session's own nursery aside, empty while idle)."""
+    async with serve_target(echo_handler) as port, trio.open_nursery() as nursery:
+        agent = revdial.Agent(
+            ws_url(server), headers=agent_headers(), allow=[f"127.0.0.1:{port}"]
+        )
+        with trio.fail_after(5):
+            await nursery.start(agent.run_once)
+            await server.wait_client(CLIENT_KEY)
+        (ours,) = server.sessions(CLIENT_KEY)
+        assert ours._watch is server._keepalive
+        assert server._nursery is not None
+        readers = [
+            t for t in server._nursery.child_tasks if t.coro.cr_code.co_name == "_read"
+        ]
+        assert len(readers) == 1
+        assert _descendants(readers[0]) == []
+        # Streams work through it.
+        stream = await server.dial(CLIENT_KEY, "tcp", f"127.0.0.1:{port}")
+        await echo_roundtrip(stream, b"through a reader the server owns")
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    # The agent went away: its reader ends with the connection.
+    with trio.fail_after(5):
+        await ours.ended.wait()
+        while any(t.coro.cr_code.co_name == "_read" for t in server._nursery.child_tasks):
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_failing_websocket_reader_ends_only_its_session(
+    server: revdial.Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected error in trio-websocket's reader (run in the server's
+    nursery) is logged and ends that connection; the server serves on."""
+    caplog.set_level(logging.ERROR, logger="revdial")
+
+    async def broken_ping(self: Any, event: object) -> None:
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("reader bug")
+
+    monkeypatch.setattr(trio_websocket.WebSocketConnection, "_handle_ping_event", broken_ping)
+    lost = trio.Event()
+
+    async def run_agent(*, task_status: trio.TaskStatus[None]) -> None:
+        agent = revdial.Agent(ws_url(server), headers=agent_headers())
+        try:
+            await agent.run_once(task_status=task_status)
+        except revdial.SessionLostError:
+            lost.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            # The agent pings at once: the server's reader fails on it.
+            await nursery.start(run_agent)
+            (ours,) = server.sessions(CLIENT_KEY)
+            await ours.ended.wait()
+        assert "WebSocket reader failed" in caplog.text
+        assert "reader bug" in caplog.text
+        with trio.fail_after(5):
+            await lost.wait()  # the agent sees its session lost (the connection closed)
+        monkeypatch.undo()
+        other = revdial.Agent(ws_url(server), headers=agent_headers("c2"))
+        with trio.fail_after(5):
+            await nursery.start(other.run_once)
+            await server.wait_client("c2")
+        nursery.cancel_scope.cancel()

@@ -34,7 +34,7 @@ from ._state import ClientAnnounced, Role
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
 from ._watch import KeepaliveWatch
-from ._wsconn import open_server_websocket
+from ._wsconn import inbox_supported, open_server_websocket
 
 __all__ = [
     "Authorizer",
@@ -439,16 +439,28 @@ class Server:
             stream = trio.SSLStream(stream, self._ssl_context, server_side=True)
         transport = ActivityStream(stream)
         try:
-            async with trio.open_nursery() as nursery:
-                # The handshake's objects (the request, its headers) live in
-                # _start_session's frame only, not for the whole session.
-                session = await self._start_session(nursery, transport, peer)
+            # The handshake's objects (the request, its headers) live in
+            # _start_session's frame only, not for the whole session.
+            shared = self._nursery if inbox_supported() else None
+            if shared is not None:
+                # While serving, trio-websocket's reader runs in the server's
+                # nursery (no nursery per connection); closing the transport
+                # below ends it.
+                session = await self._start_session(shared, transport, peer)
                 if session is not None:
                     try:
                         await session.run()
                     finally:
                         self._end_session(session, peer)
-                nursery.cancel_scope.cancel()
+            else:
+                async with trio.open_nursery() as nursery:
+                    session = await self._start_session(nursery, transport, peer)
+                    if session is not None:
+                        try:
+                            await session.run()
+                        finally:
+                            self._end_session(session, peer)
+                    nursery.cancel_scope.cancel()
         except Exception as exc:
             # One bad connection must never take the server down.
             leaves = exception_leaves(exc)
@@ -563,6 +575,7 @@ class Server:
             transport,
             max_message_size=limits.max_message_size,
             receive_buffer_size=limits.read_size,
+            shared_nursery=nursery is self._nursery,
         )
         checked = await self._check_request(request, peer)
         if checked is None:

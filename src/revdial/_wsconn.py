@@ -25,6 +25,7 @@ checked before it is added to :data:`INBOX_TESTED_VERSIONS`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -45,6 +46,8 @@ __all__ = [
     "open_client_websocket",
     "open_server_websocket",
 ]
+
+log = logging.getLogger("revdial")
 
 #: trio-websocket releases whose message channel :class:`Inbox` replaces.
 INBOX_TESTED_VERSIONS = ("0.12.",)
@@ -230,14 +233,32 @@ def inbox_of(ws: object) -> Inbox | None:
     return inbox if isinstance(inbox, Inbox) else None
 
 
+async def _read(connection: WebSocketConnection, stream: trio.abc.Stream) -> None:
+    """trio-websocket's reader task, run in a nursery that is not the
+    connection's own: an unexpected error is logged and closes the transport
+    (so the session sees the end of the connection), never raised there."""
+    try:
+        await connection._reader_task()
+    except Exception:
+        log.exception("WebSocket reader failed; connection closed")
+        await trio.aclose_forcefully(stream)
+
+
 async def open_server_websocket(
     nursery: trio.Nursery,
     stream: trio.abc.Stream,
     *,
     max_message_size: int,
     receive_buffer_size: int,
+    shared_nursery: bool = False,
 ) -> WebSocketRequest:
-    """trio-websocket's ``wrap_server_stream``, with an :class:`Inbox`."""
+    """trio-websocket's ``wrap_server_stream``, with an :class:`Inbox`.
+
+    ``shared_nursery``: ``nursery`` is not the connection's own but a
+    server-wide one (no nursery per connection): the reader's errors are
+    logged and close ``stream`` instead of propagating, and the caller must
+    close ``stream`` when it is done, which ends the reader.
+    """
     if not inbox_supported():
         return await wrap_server_stream(
             nursery, stream, max_message_size=max_message_size,
@@ -251,7 +272,10 @@ async def open_server_websocket(
         receive_buffer_size=receive_buffer_size,
     )
     _install(connection)
-    nursery.start_soon(connection._reader_task)
+    if shared_nursery:
+        nursery.start_soon(_read, connection, stream)
+    else:
+        nursery.start_soon(connection._reader_task)
     return await connection._get_request()
 
 
