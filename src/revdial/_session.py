@@ -427,14 +427,14 @@ class Session:
     # Slots: a fleet server holds thousands of idle sessions, and a
     # dict for ~40 attributes (past CPython's key-sharing limit) is ~1.6 KiB.
     __slots__ = (
-        "_ended", "_ended_event", "_fifo", "_fifo_control", "_fifo_data_bytes", "_fifo_in",
-        "_fifo_out", "_nursery", "_on_connect", "_pauses_received", "_resets_local",
-        "_resets_overrun", "_resets_peer", "_resets_protocol", "_resets_sync", "_small",
-        "_small_bytes", "_small_run", "_space_lot", "_streams", "_transport", "_urgent",
-        "_watch", "_writer_idle", "_writer_lot", "_writer_retire", "_writer_running",
-        "bytes_received",
-        "bytes_sent", "client_key", "dial_stats", "end_reason", "id", "limits", "on_announce",
-        "on_end", "remote", "role", "started_at", "started_wall", "state", "ws",
+        "_dial_stats", "_ended", "_ended_event", "_fifo", "_fifo_control", "_fifo_data_bytes",
+        "_fifo_in", "_fifo_out", "_nursery", "_on_connect", "_pauses_received",
+        "_resets_local", "_resets_overrun", "_resets_peer", "_resets_protocol", "_resets_sync",
+        "_small", "_small_bytes", "_small_run", "_space_lot", "_streams", "_transport",
+        "_urgent", "_watch", "_writer_idle", "_writer_lot", "_writer_retire",
+        "_writer_running", "bytes_received", "bytes_sent", "client_key", "end_reason", "id",
+        "limits", "on_announce", "on_end", "remote", "role", "started_at", "started_wall",
+        "state", "ws",
     )
 
     def __init__(
@@ -466,7 +466,7 @@ class Session:
         self.started_at = trio.current_time()
         self.started_wall = time.time()
         #: Dial outcomes of the streams this side opens (shared by a server's sessions).
-        self.dial_stats = dial_stats if dial_stats is not None else DialStats()
+        self._dial_stats = dial_stats  # created on first use if None (see dial_stats)
         # Cumulative counters (see counters()): plain ints, one add per frame.
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -527,6 +527,15 @@ class Session:
         return f"<Session {self.id} {self.role.value} {self.client_key!r}>"
 
     # --- public -----------------------------------------------------------
+
+    @property
+    def dial_stats(self) -> DialStats:
+        """Outcomes of the dials through this session (a server shares one
+        among its sessions; otherwise created when first needed)."""
+        stats = self._dial_stats
+        if stats is None:
+            stats = self._dial_stats = DialStats()
+        return stats
 
     @property
     def ended(self) -> trio.Event:
