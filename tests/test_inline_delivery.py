@@ -3,9 +3,11 @@
 ``_InlineDelivery`` replaces the message channel's send side so that a
 message is handled where it was parsed (no task switch). These tests pin its
 order guarantee (messages already queued on the channel go first), its
-failure path, and that it is active with the installed trio-websocket, so an
-upgrade that renames the private attributes is noticed here rather than as a
-silent slowdown.
+failure path, and that inline delivery is active with the installed
+trio-websocket -- there through ``revdial._wsconn.Inbox``, which replaces the
+channel altogether (``tests/test_wsconn.py``); ``_InlineDelivery`` remains for
+connections whose channel is trio's own -- so an upgrade that renames the
+private attributes is noticed here rather than as a silent slowdown.
 """
 
 from __future__ import annotations
