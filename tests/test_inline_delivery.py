@@ -66,7 +66,7 @@ async def test_failure_is_kept_and_signalled_on_the_channel() -> None:
     assert inline is not None
     await ws._send_channel.send(b"x")
     assert isinstance(inline.failed, ProtocolError)
-    assert receive.receive_nowait() == b""  # the marker that wakes Session._reader
+    assert receive.receive_nowait() == b""  # the marker that wakes Session.run (the reader)
     # Later messages are no longer handled inline.
     await ws._send_channel.send(b"y")
     assert receive.receive_nowait() == b"y"

@@ -135,6 +135,8 @@ def tune_transport(stream: trio.SocketStream, limits: Limits) -> None:
 class ActivityStream(trio.abc.Stream):
     """Wraps the transport and records when it last received anything."""
 
+    __slots__ = ("inner", "last_receive")
+
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.last_receive = trio.current_time()
@@ -158,7 +160,7 @@ class _InlineDelivery:
     """Hand each message to the session in trio-websocket's own reader task.
 
     trio-websocket's reader parses messages and puts them on a memory
-    channel, where :meth:`Session._reader` picks them up: a task switch per
+    channel, where :meth:`Session.run` picks them up: a task switch per
     message on each side, which is most of a small message's latency. This
     stands in for the channel's send side (``WebSocketConnection._send_channel``,
     a private attribute of trio-websocket 0.12), so the session's handler runs
@@ -166,9 +168,9 @@ class _InlineDelivery:
     wait on a stream), so the reader keeps its pace.
 
     Messages already on the original channel keep their order: while it holds
-    any, new ones are queued behind them and :meth:`Session._reader` delivers
+    any, new ones are queued behind them and :meth:`Session.run` delivers
     them. The reader task's end still closes the original channel, which is
-    how :meth:`Session._reader` learns that the WebSocket closed.
+    how :meth:`Session.run` learns that the WebSocket closed.
     """
 
     __slots__ = ("_channel", "_closed", "_deliver", "_receive", "failed")
@@ -222,7 +224,7 @@ class _InlineDelivery:
             self._deliver(message)
         except Exception as exc:
             self.failed = exc
-            # Wake Session._reader, which raises it in the session's own task.
+            # Wake Session.run (the reader), which raises it in the session's own task.
             await self._channel.send(b"")
 
 
@@ -653,9 +655,46 @@ class Session:
                 if self.role is Role.CLIENT:
                     nursery.start_soon(self._keepalive)
                 task_status.started()
+                # The reader: wait for the WebSocket's end (messages are mostly
+                # handled inline) and watch for a silent peer: the keepalive
+                # deadline is this task's (or, on a server, its KeepaliveWatch's),
+                # so a session needs no watchdog task of its own. In run()
+                # itself: a coroutine frame less per idle session.
+                get_message, inline = self._start_reading()
+                watch = self._watch
+                entry = None
                 try:
-                    await self._reader()
+                    if watch is not None:
+                        entry = watch.watch(
+                            self, self._transport.last_receive + self.limits.ping_timeout
+                        )
+                    closed = False
+                    while not closed:
+                        scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
+                        if watch is None:
+                            # One cancel scope per ping_timeout of quiet, not per message.
+                            deadline = self._keepalive_due(trio.current_time())
+                            if deadline is None:
+                                break
+                            scope = trio.CancelScope(deadline=deadline)
+                        with scope:
+                            while True:
+                                try:
+                                    message = await get_message()
+                                except (ConnectionClosed, trio.EndOfChannel,
+                                        trio.ClosedResourceError) as exc:
+                                    self._closed_by(exc)
+                                    closed = True
+                                    break
+                                if inline is not None and inline.failed is not None:
+                                    # The next message after the failure is its marker.
+                                    raise inline.failed
+                                self._deliver(message)
+                except ProtocolError as exc:
+                    self._abort(exc)
                 finally:
+                    if entry is not None:
+                        entry[2] = None  # the watch lets go of this session
                     self._teardown()
                     nursery.cancel_scope.cancel()
         finally:
@@ -795,52 +834,23 @@ class Session:
 
     # --- internals: tasks -------------------------------------------------
 
-    async def _reader(self) -> None:
-        """Wait for the WebSocket's end (messages are mostly handled inline)
-        and watch for a silent peer: the keepalive deadline is this task's
-        (or, on a server, its :class:`~revdial._watch.KeepaliveWatch`'s), so
-        a session needs no watchdog task of its own."""
+    def _start_reading(self) -> tuple[Callable[[], Awaitable[bytes | str]], Any]:
+        """Install inline delivery; what :meth:`run` waits on for messages."""
         ws = self.ws
         inline = _InlineDelivery.install(ws, self._deliver)
         # With an Inbox, wait on it directly (what get_message does, a
         # coroutine frame less while idle).
-        get_message = inline.receive if isinstance(inline, Inbox) else ws.get_message
-        timeout = self.limits.ping_timeout
-        transport = self._transport
-        watch = self._watch
-        entry = None
-        try:
-            if watch is not None:  # the server's KeepaliveWatch holds the deadline
-                entry = watch.watch(self, transport.last_receive + timeout)
-            while True:
-                scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
-                if watch is None:
-                    # One cancel scope per ping_timeout of quiet, not per message.
-                    deadline = self._keepalive_due(trio.current_time())
-                    if deadline is None:
-                        return
-                    scope = trio.CancelScope(deadline=deadline)
-                with scope:
-                    while True:
-                        try:
-                            message = await get_message()
-                        except (ConnectionClosed, trio.EndOfChannel,
-                                trio.ClosedResourceError) as exc:
-                            reason = exc.reason if isinstance(exc, ConnectionClosed) else ws.closed
-                            self.end_reason = SessionLostError(
-                                f"WebSocket closed ({reason.code} {reason.name})"
-                                if reason is not None
-                                else "WebSocket closed"
-                            )
-                            return
-                        if inline is not None and inline.failed is not None:
-                            raise inline.failed  # the next message after the failure is its marker
-                        self._deliver(message)
-        except ProtocolError as exc:
-            self._abort(exc)
-        finally:
-            if entry is not None:
-                entry[2] = None  # the watch lets go of this session
+        if isinstance(inline, Inbox):
+            return inline.receive, inline
+        return ws.get_message, inline
+
+    def _closed_by(self, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, ConnectionClosed) else self.ws.closed
+        self.end_reason = SessionLostError(
+            f"WebSocket closed ({reason.code} {reason.name})"
+            if reason is not None
+            else "WebSocket closed"
+        )
 
     def _keepalive_due(self, now: float) -> float | None:
         """At a keepalive deadline: end the session if the peer was silent for
@@ -857,7 +867,7 @@ class Session:
         return deadline
 
     def _deliver(self, message: bytes | str) -> None:
-        """Handle one WebSocket message (from :meth:`_reader` or inline)."""
+        """Handle one WebSocket message (from :meth:`run` or inline)."""
         if self._ended or self.end_reason is not None:
             return  # ending: trio-websocket's reader may still hand us some
         if isinstance(message, str):

@@ -1,7 +1,7 @@
 """One task that watches the dead-peer deadlines of a server's sessions.
 
 A session's reader holds its keepalive deadline in a cancel scope of its own
-(see ``Session._reader``): a cancel scope and its cancel status are ~0.75 KiB,
+(see ``Session.run``): a cancel scope and its cancel status are ~0.75 KiB,
 per session. A server runs one :class:`KeepaliveWatch` instead: a heap of
 ``[deadline, seq, session]`` entries and one task that sleeps until the
 earliest. At a deadline it does exactly what the reader's scope would have
