@@ -1,7 +1,8 @@
 """The trio driver of one remotedialer session.
 
 A :class:`Session` owns a nursery with one reader (this task, which also
-holds the dead-peer deadline), one writer, on the client side a keepalive
+holds the dead-peer deadline -- on a serving server, its
+:class:`~revdial._watch.KeepaliveWatch` does), one writer, on the client side a keepalive
 task (pings and SyncConnections) and, on the dialer side, one task per
 multiplexed stream. Idle sessions are what a fleet server holds by the
 thousand, so per-session objects are few and created lazily. All protocol decisions
