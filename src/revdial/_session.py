@@ -799,7 +799,9 @@ class Session:
             self._fifo_data_bytes += n
         stream._queued += n
         if self._writer_running:
-            self._wake_writer()
+            lot = self._writer_lot  # inline _wake_writer: once per queued frame
+            if lot is not None:
+                lot.unpark()
         else:
             self._start_writer()
 
@@ -821,7 +823,9 @@ class Session:
             # The peer provokes replies but does not read them.
             self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
         if self._writer_running:
-            self._wake_writer()
+            lot = self._writer_lot  # inline _wake_writer: once per queued frame
+            if lot is not None:
+                lot.unpark()
         else:
             self._start_writer()
 
