@@ -37,9 +37,12 @@ from conftest import (
 from revdial._session import (
     _NO_QUEUE,
     _OPENED_HANDSHAKE,
+    _SET_EVENT,
     HANDSHAKE_TESTED_VERSIONS,
+    _EventList,
     release_handshake_state,
 )
+from revdial._wsconn import inbox_of
 from session_pairs import open_pair
 
 
@@ -68,6 +71,13 @@ async def test_sessions_keep_no_handshake_state(server: revdial.Server) -> None:
             ws: Any = session.ws
             assert ws._wsproto.handshake is _OPENED_HANDSHAKE
             assert ws._initial_request is None
+            assert type(ws._wsproto.connection._events) is _EventList
+            assert ws._open_handshake is ws._for_testing_peer_closed_connection is _SET_EVENT
+            # trio-websocket's message channel is revdial's Inbox, holding nothing.
+            inbox = inbox_of(ws)
+            assert inbox is not None
+            assert inbox.delivers_inline
+            assert inbox._queue is None
             # An idle session has not allocated its outbox queues.
             assert session._urgent is session._fifo is session._small is _NO_QUEUE
         assert release_handshake_state(ours.ws)  # idempotent
@@ -231,3 +241,169 @@ async def test_past_max_sessions_the_agent_gets_503_and_the_server_logs_it(
         r.levelname == "WARNING" and "agent-2: session limit reached -> 503" in r.getMessage()
         for r in caplog.records
     )
+
+
+# --- a server's sessions: one keepalive watch, two tasks each when idle --------------
+
+
+def writer_running(session: revdial.Session) -> bool:
+    return session._writer_running
+
+
+def _descendants(task: trio.lowlevel.Task) -> list[trio.lowlevel.Task]:
+    found = []
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            found.append(child)
+            found.extend(_descendants(child))
+    return found
+
+
+async def test_server_sessions_share_one_keepalive_watch(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A serving server holds its sessions' dead-peer deadlines in one task:
+    each idle session is its connection's task plus trio-websocket's reader,
+    and a silent agent is dropped exactly ``ping_timeout`` after its last
+    byte, as by the reader's own deadline; an idle writer is retired there."""
+    caplog.set_level(logging.WARNING, logger="revdial")
+    authorize, _ = _counting_authorizer(0.0)
+    limits = revdial.Limits()
+    timeout = limits.ping_timeout
+    server = revdial.Server(authorize, limits=limits)
+    watch = server._keepalive
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        clients: dict[str, Any] = {}
+
+        async def agent(key: str) -> None:
+            server_end, client_end = trio.testing.memory_stream_pair()
+            nursery.start_soon(server._serve_stream, server_end, key)
+            clients[key] = await trio_websocket.wrap_client_stream(
+                nursery, cast(Any, client_end), "fleet", "/connect",
+                extra_headers=[(b"X-Tunnel-ID", key.encode())],
+            )
+            done.append(key)
+
+        for key in ("a", "b", "c"):
+            await agent(key)
+        await trio.testing.wait_all_tasks_blocked()
+        sessions = {key: server.sessions(key)[0] for key in ("a", "b", "c")}
+        assert all(s._watch is watch for s in sessions.values())
+        assert len(watch) == 3
+        handlers = [
+            t for t in nursery.child_tasks if t.coro.cr_code.co_name == "_serve_stream"
+        ]
+        assert len(handlers) == 3
+        for handler in handlers:
+            # trio-websocket's reader, nothing else: no writer, no watchdog.
+            assert [t.coro.cr_code.co_name for t in _descendants(handler)] == ["_reader_task"]
+        # "a" gets a frame to write (a writer starts) and pings now and then;
+        # "b" and "c" stay silent.
+        t0 = trio.current_time()
+        sessions["a"].announce("peer-x", 1, added=True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert writer_running(sessions["a"])
+        await trio.sleep(timeout / 2)
+        await clients["a"].ping(b"1")
+        last_a = sessions["a"]._transport.last_receive
+        assert last_a == t0 + timeout / 2
+        silent_since = {k: sessions[k]._transport.last_receive for k in ("b", "c")}
+        ended_at: dict[str, float] = {}
+
+        async def note_end(key: str) -> None:
+            await sessions[key].ended.wait()
+            ended_at[key] = trio.current_time()
+
+        for key in sessions:
+            nursery.start_soon(note_end, key)
+        await trio.sleep(timeout / 2 + 1)
+        # b and c were silent for ping_timeout: dropped then, exactly; a's
+        # deadline moved with its ping, and its idle writer was retired.
+        assert ended_at == {k: silent_since[k] + timeout for k in ("b", "c")}
+        assert sessions["a"].is_open
+        assert not writer_running(sessions["a"])
+        assert server.clients() == ["a"]
+        await trio.sleep(timeout)
+        assert ended_at["a"] == last_a + timeout
+        assert server.clients() == []
+        assert len(watch) == 0  # ended sessions leave the heap at their deadline
+        nursery.cancel_scope.cancel()
+    lost = [r.getMessage() for r in caplog.records if "keepalive timeout" in r.getMessage()]
+    assert len(lost) == 3, lost
+    assert not watch.running
+
+
+async def test_a_serving_server_runs_the_websocket_readers_itself(
+    server: revdial.Server,
+) -> None:
+    """While serving, trio-websocket's reader runs in the server's nursery:
+    an idle session is its connection's task with no nursery or task below
+    it (the session's own nursery aside, empty while idle)."""
+    async with serve_target(echo_handler) as port, trio.open_nursery() as nursery:
+        agent = revdial.Agent(
+            ws_url(server), headers=agent_headers(), allow=[f"127.0.0.1:{port}"]
+        )
+        with trio.fail_after(5):
+            await nursery.start(agent.run_once)
+            await server.wait_client(CLIENT_KEY)
+        (ours,) = server.sessions(CLIENT_KEY)
+        assert ours._watch is server._keepalive
+        assert server._nursery is not None
+        readers = [
+            t for t in server._nursery.child_tasks if t.coro.cr_code.co_name == "_read"
+        ]
+        assert len(readers) == 1
+        assert _descendants(readers[0]) == []
+        # Streams work through it.
+        stream = await server.dial(CLIENT_KEY, "tcp", f"127.0.0.1:{port}")
+        await echo_roundtrip(stream, b"through a reader the server owns")
+        await stream.aclose()
+        nursery.cancel_scope.cancel()
+    # The agent went away: its reader ends with the connection.
+    with trio.fail_after(5):
+        await ours.ended.wait()
+        while any(t.coro.cr_code.co_name == "_read" for t in server._nursery.child_tasks):
+            await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_a_failing_websocket_reader_ends_only_its_session(
+    server: revdial.Server,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An unexpected error in trio-websocket's reader (run in the server's
+    nursery) is logged and ends that connection; the server serves on."""
+    caplog.set_level(logging.ERROR, logger="revdial")
+
+    async def broken_ping(self: Any, event: object) -> None:
+        await trio.lowlevel.checkpoint()
+        raise RuntimeError("reader bug")
+
+    monkeypatch.setattr(trio_websocket.WebSocketConnection, "_handle_ping_event", broken_ping)
+    lost = trio.Event()
+
+    async def run_agent(*, task_status: trio.TaskStatus[None]) -> None:
+        agent = revdial.Agent(ws_url(server), headers=agent_headers())
+        try:
+            await agent.run_once(task_status=task_status)
+        except revdial.SessionLostError:
+            lost.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            # The agent pings at once: the server's reader fails on it.
+            await nursery.start(run_agent)
+            (ours,) = server.sessions(CLIENT_KEY)
+            await ours.ended.wait()
+        assert "WebSocket reader failed" in caplog.text
+        assert "reader bug" in caplog.text
+        with trio.fail_after(5):
+            await lost.wait()  # the agent sees its session lost (the connection closed)
+        monkeypatch.undo()
+        other = revdial.Agent(ws_url(server), headers=agent_headers("c2"))
+        with trio.fail_after(5):
+            await nursery.start(other.run_once)
+            await server.wait_client("c2")
+        nursery.cancel_scope.cancel()

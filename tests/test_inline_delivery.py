@@ -3,9 +3,11 @@
 ``_InlineDelivery`` replaces the message channel's send side so that a
 message is handled where it was parsed (no task switch). These tests pin its
 order guarantee (messages already queued on the channel go first), its
-failure path, and that it is active with the installed trio-websocket, so an
-upgrade that renames the private attributes is noticed here rather than as a
-silent slowdown.
+failure path, and that inline delivery is active with the installed
+trio-websocket -- there through ``revdial._wsconn.Inbox``, which replaces the
+channel altogether (``tests/test_wsconn.py``); ``_InlineDelivery`` remains for
+connections whose channel is trio's own -- so an upgrade that renames the
+private attributes is noticed here rather than as a silent slowdown.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import trio.testing
 import revdial
 from revdial._errors import ProtocolError
 from revdial._session import _InlineDelivery
+from revdial._wsconn import inbox_of
 from revdial.testing import FakeNetwork, echo_handler, open_session_pair
 
 
@@ -63,7 +66,7 @@ async def test_failure_is_kept_and_signalled_on_the_channel() -> None:
     assert inline is not None
     await ws._send_channel.send(b"x")
     assert isinstance(inline.failed, ProtocolError)
-    assert receive.receive_nowait() == b""  # the marker that wakes Session._reader
+    assert receive.receive_nowait() == b""  # the marker that wakes Session.run (the reader)
     # Later messages are no longer handled inline.
     await ws._send_channel.send(b"y")
     assert receive.receive_nowait() == b"y"
@@ -95,8 +98,11 @@ async def test_active_with_the_installed_trio_websocket(
         async with open_session_pair(allow=["10.0.0.5:80"], dialer=net.dial) as (server, client):
             await trio.testing.wait_all_tasks_blocked()
             for session in (server, client):
-                channel: object = getattr(session.ws, "_send_channel", None)
-                assert isinstance(channel, _InlineDelivery)
+                # With the tested trio-websocket the channel is revdial's Inbox
+                # (tests/test_wsconn.py), which delivers inline itself.
+                inbox = inbox_of(session.ws)
+                assert inbox is not None
+                assert inbox.delivers_inline
             stream = await server.dial(server.open_stream("tcp", "10.0.0.5:80"), 5.0)
             await stream.send_all(b"ping")
             assert await stream.receive_some() == b"ping"

@@ -17,7 +17,7 @@ from typing import cast
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionRejected, wrap_client_stream
+from trio_websocket import ConnectionRejected
 from trio_websocket import HandshakeError as WSHandshakeError
 
 from ._backoff import Backoff
@@ -43,6 +43,7 @@ from ._session import (
 from ._splice import splice
 from ._state import Role
 from ._stream import POLICY_REFUSAL_PREFIX, TOO_MANY_DIALS_PREFIX, TunnelStream
+from ._wsconn import open_client_websocket
 
 __all__ = [
     "Agent",
@@ -421,9 +422,9 @@ class Agent:
                 with trio.move_on_after(limits.handshake_timeout):
                     if isinstance(stream, trio.SSLStream):
                         await stream.do_handshake()
-                    ws = await wrap_client_stream(
+                    ws = await open_client_websocket(
                         nursery,
-                        cast("trio.SocketStream", transport),
+                        transport,
                         endpoint.host_header,
                         endpoint.resource,
                         extra_headers=list(self._headers),

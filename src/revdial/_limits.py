@@ -9,8 +9,8 @@ Memory bound that follows from the defaults (see README, "Limits"):
   bytes across all its streams, plus one WebSocket message being reassembled
   (``max_message_size``) and a bounded outbox (``outbox_bytes`` of bulk Data,
   as much again of small frames, plus ``max_control_frames`` control frames);
-* per server: ``max_sessions`` sessions (16,384: ~340 MiB of RSS while idle,
-  ~21 KiB each), at most ``max_sessions_per_client`` (32) for one client key,
+* per server: ``max_sessions`` sessions (16,384: ~250 MiB of RSS while idle,
+  ~15.5 KiB each), at most ``max_sessions_per_client`` (32) for one client key,
   at most ``max_concurrent_handshakes`` of them handshaking.
 """
 
@@ -73,8 +73,8 @@ class Limits:
     max_streams: int = 65536
     #: Sessions a server holds at once; the next agent is refused with 503
     #: (and a warning is logged) until one ends. Chosen from a memory budget:
-    #: an idle session costs ~21 KiB of server RSS (benchmarks/sessions.py,
-    #: 1,000 sessions), so 16,384 idle sessions take ~340 MiB -- a fleet of
+    #: an idle session costs ~15.5 KiB of server RSS (benchmarks/sessions.py,
+    #: 1,000 sessions), so 16,384 idle sessions take ~250 MiB -- a fleet of
     #: every downstream cluster of a large Rancher install on a 1 GiB server,
     #: with room for the active ones' buffers (bounded per session above). It
     #: also needs as many file descriptors: raise ``ulimit -n`` to match.

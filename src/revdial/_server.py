@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import trio
-from trio_websocket import WebSocketRequest, wrap_server_stream
+from trio_websocket import WebSocketRequest
 
 from ._errors import NoSuchClientError, exception_leaves
 from ._handshake import ReplayStream, SlotGate, read_request_head
@@ -34,6 +34,8 @@ from ._session import (
 from ._state import ClientAnnounced, Role
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
+from ._watch import KeepaliveWatch
+from ._wsconn import inbox_supported, open_server_websocket
 
 __all__ = [
     "Authorizer",
@@ -186,6 +188,8 @@ class Server:
         self.path = path
         self._ssl_context = ssl_context
         self._sessions: dict[str, list[Session]] = {}
+        #: Holds the keepalive deadlines of this server's sessions while it serves.
+        self._keepalive = KeepaliveWatch()
         self._changed = trio.Event()
         self._listening = False
         #: Outcomes and latency of every dial through this server's sessions.
@@ -404,6 +408,7 @@ class Server:
         log.info("listening on %s", ", ".join(_fmt(h, p) for h, p in self.addresses))
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self._keepalive.run)
                 await nursery.start(trio.serve_listeners, self._handle_connection, listeners)
                 self._listening = True
                 # Peer links run here, owned by the server (cancelled with it).
@@ -417,13 +422,15 @@ class Server:
 
     # --- internals --------------------------------------------------------
 
-    async def _handle_connection(self, tcp: trio.SocketStream) -> None:
+    def _handle_connection(self, tcp: trio.SocketStream) -> Awaitable[None]:
+        # Not a coroutine itself: the connection's task runs _serve_stream
+        # directly (a coroutine frame less per idle session).
         try:
             peer = _fmt(*tcp.socket.getpeername()[:2])
         except OSError:
             peer = "?"
         tune_transport(tcp, self.limits)
-        await self._serve_stream(tcp, peer)
+        return self._serve_stream(tcp, peer)
 
     async def _serve_stream(self, stream: trio.abc.Stream, peer: str) -> None:
         """Handshake on ``stream`` (TLS first, if configured), then serve the
@@ -435,9 +442,28 @@ class Server:
             stream = trio.SSLStream(gate, self._ssl_context, server_side=True)
         transport = ActivityStream(stream)
         try:
-            async with trio.open_nursery() as nursery:
-                await self._handshake_and_serve(nursery, transport, peer, gate)
-                nursery.cancel_scope.cancel()
+            # The handshake's objects (the request, its headers) live in
+            # _start_session's frame only, not for the whole session.
+            shared = self._nursery if inbox_supported() else None
+            if shared is not None:
+                # While serving, trio-websocket's reader runs in the server's
+                # nursery (no nursery per connection); closing the transport
+                # below ends it.
+                session = await self._start_session(shared, transport, peer, gate)
+                if session is not None:
+                    try:
+                        await session.run()
+                    finally:
+                        self._end_session(session, peer)
+            else:
+                async with trio.open_nursery() as nursery:
+                    session = await self._start_session(nursery, transport, peer, gate)
+                    if session is not None:
+                        try:
+                            await session.run()
+                        finally:
+                            self._end_session(session, peer)
+                    nursery.cancel_scope.cancel()
         except Exception as exc:
             # One bad connection must never take the server down.
             leaves = exception_leaves(exc)
@@ -449,12 +475,22 @@ class Server:
         finally:
             await trio.aclose_forcefully(transport)
 
-    async def _handshake_and_serve(
+    @staticmethod
+    def _session_fields(session: Session, peer: str) -> tuple[str, dict[str, Any]]:
+        """"client" or "peer", and the structured log fields of ``session``."""
+        is_peer = isinstance(session.on_announce, _PeerRecorder)
+        fields: dict[str, Any] = {
+            "session_id": session.id, "client_key": session.client_key, "remote": peer
+        }
+        if is_peer:
+            fields["peer"] = True
+        return ("peer" if is_peer else "client"), fields
+
+    async def _start_session(
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str,
         gate: SlotGate | None = None,
-    ) -> None:
-        # The handshake's objects (the request, its headers) live in
-        # _open_session's frame only, not for the whole session.
+    ) -> Session | None:
+        """Handshake, then register and log the session (None: refused, logged)."""
         reserved: list[str] = []  # the client key holding a place while upgrading
         try:
             session = await self._open_session(nursery, transport, peer, reserved, gate)
@@ -462,50 +498,47 @@ class Server:
             for key in reserved:
                 self._release(key)
         if session is None:
-            return
-        client_key = session.client_key
-        is_peer = isinstance(session.on_announce, _PeerRecorder)
-        what = "peer" if is_peer else "client"
+            return None
         self._register(session)  # no checkpoint since _release: the counts stay exact
-        fields = {"session_id": session.id, "client_key": client_key, "remote": peer}
-        if is_peer:
-            fields["peer"] = True
+        what, fields = self._session_fields(session, peer)
         log.info(
             "session %s: %s %r connected from %s (%s)",
             session.id,
             what,
-            client_key,
+            session.client_key,
             peer,
             f"revdial extension v{session.extensions}" if session.extensions
             else "plain remotedialer",
             extra={**fields, "event": "session_start", "extension": session.extensions},
         )
-        try:
-            await session.run()
-        finally:
-            self._unregister(session)
-            duration = trio.current_time() - session.started_at
-            c = session.counters()
-            log.info(
-                "session %s: %s %r from %s disconnected after %.1f s "
-                "(%d bytes in, %d bytes out): %s",
-                session.id,
-                what,
-                client_key,
-                peer,
-                duration,
-                c.bytes_received,
-                c.bytes_sent,
-                session.end_reason or "closed",
-                extra={
-                    **fields,
-                    "event": "session_end",
-                    "duration_s": round(duration, 3),
-                    "bytes_in": c.bytes_received,
-                    "bytes_out": c.bytes_sent,
-                    "reason": str(session.end_reason or "closed"),
-                },
-            )
+        return session
+
+    def _end_session(self, session: Session, peer: str) -> None:
+        """Unregister and log a session that ended."""
+        self._unregister(session)
+        what, fields = self._session_fields(session, peer)
+        duration = trio.current_time() - session.started_at
+        c = session.counters()
+        log.info(
+            "session %s: %s %r from %s disconnected after %.1f s "
+            "(%d bytes in, %d bytes out): %s",
+            session.id,
+            what,
+            session.client_key,
+            peer,
+            duration,
+            c.bytes_received,
+            c.bytes_sent,
+            session.end_reason or "closed",
+            extra={
+                **fields,
+                "event": "session_end",
+                "duration_s": round(duration, 3),
+                "bytes_in": c.bytes_received,
+                "bytes_out": c.bytes_sent,
+                "reason": str(session.end_reason or "closed"),
+            },
+        )
 
     async def _open_session(
         self, nursery: trio.Nursery, transport: ActivityStream, peer: str, reserved: list[str],
@@ -560,11 +593,12 @@ class Server:
     ) -> Session | None:
         """The upgrade on ``stream`` (``transport`` with the head read ahead)."""
         limits = self.limits
-        request = await wrap_server_stream(
+        request = await open_server_websocket(
             nursery,
             stream,
             max_message_size=limits.max_message_size,
             receive_buffer_size=limits.read_size,
+            shared_nursery=nursery is self._nursery,
         )
         checked = await self._check_request(request, peer)
         if checked is None:
@@ -593,6 +627,7 @@ class Server:
             remote=peer,
             dial_stats=self.dial_stats,
             on_announce=_PeerRecorder(self, client_key) if is_peer else None,
+            watch=self._keepalive if self._keepalive.running else None,
         )
 
     async def _check_peer(

@@ -1,7 +1,8 @@
 """The trio driver of one remotedialer session.
 
 A :class:`Session` owns a nursery with one reader (this task, which also
-holds the dead-peer deadline), one writer, on the client side a keepalive
+holds the dead-peer deadline -- on a serving server, its
+:class:`~revdial._watch.KeepaliveWatch` does), one writer, on the client side a keepalive
 task (pings and SyncConnections) and, on the dialer side, one task per
 multiplexed stream. Idle sessions are what a fleet server holds by the
 thousand, so per-session objects are few and created lazily. All protocol decisions
@@ -73,6 +74,8 @@ from ._state import (
 )
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
+from ._watch import KeepaliveWatch
+from ._wsconn import Inbox, inbox_of
 
 __all__ = [
     "EXTENSION_HEADER",
@@ -135,6 +138,8 @@ def tune_transport(stream: trio.SocketStream, limits: Limits) -> None:
 class ActivityStream(trio.abc.Stream):
     """Wraps the transport and records when it last received anything."""
 
+    __slots__ = ("inner", "last_receive")
+
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.last_receive = trio.current_time()
@@ -158,7 +163,7 @@ class _InlineDelivery:
     """Hand each message to the session in trio-websocket's own reader task.
 
     trio-websocket's reader parses messages and puts them on a memory
-    channel, where :meth:`Session._reader` picks them up: a task switch per
+    channel, where :meth:`Session.run` picks them up: a task switch per
     message on each side, which is most of a small message's latency. This
     stands in for the channel's send side (``WebSocketConnection._send_channel``,
     a private attribute of trio-websocket 0.12), so the session's handler runs
@@ -166,9 +171,9 @@ class _InlineDelivery:
     wait on a stream), so the reader keeps its pace.
 
     Messages already on the original channel keep their order: while it holds
-    any, new ones are queued behind them and :meth:`Session._reader` delivers
+    any, new ones are queued behind them and :meth:`Session.run` delivers
     them. The reader task's end still closes the original channel, which is
-    how :meth:`Session._reader` learns that the WebSocket closed.
+    how :meth:`Session.run` learns that the WebSocket closed.
     """
 
     __slots__ = ("_channel", "_closed", "_deliver", "_receive", "failed")
@@ -189,7 +194,11 @@ class _InlineDelivery:
     @classmethod
     def install(
         cls, ws: WebSocketConnection, deliver: Callable[[bytes | str], None]
-    ) -> _InlineDelivery | None:
+    ) -> _InlineDelivery | Inbox | None:
+        inbox = inbox_of(ws)
+        if inbox is not None:  # opened by _wsconn: its Inbox delivers inline itself
+            inbox.deliver_inline(deliver)
+            return inbox
         channel = getattr(ws, "_send_channel", None)
         receive = getattr(ws, "_recv_channel", None)
         if not isinstance(channel, trio.MemorySendChannel) or not isinstance(
@@ -218,7 +227,7 @@ class _InlineDelivery:
             self._deliver(message)
         except Exception as exc:
             self.failed = exc
-            # Wake Session._reader, which raises it in the session's own task.
+            # Wake Session.run (the reader), which raises it in the session's own task.
             await self._channel.send(b"")
 
 
@@ -304,6 +313,9 @@ class _Unallocated(deque[Any]):
 
 _NO_QUEUE: deque[Any] = _Unallocated()
 
+#: The reader's "scope" when a KeepaliveWatch holds its deadline.
+_NO_SCOPE = contextlib.nullcontext()
+
 
 #: trio-websocket and wsproto releases whose handshake objects
 #: :func:`release_handshake_state` knows.
@@ -327,6 +339,33 @@ class _OpenedHandshake:
 _OPENED_HANDSHAKE = _OpenedHandshake()
 
 
+class _EventList(list[Any]):
+    """What replaces the open ``wsproto.Connection``'s ``_events`` deque.
+
+    wsproto queues an event there only when the transport ends without a
+    Close frame (``receive_data(None)``); ``events()`` drains it with
+    ``popleft``. An empty deque is ~760 bytes, an empty list 56.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def _set_event() -> trio.Event:
+    event = trio.Event()
+    event.set()
+    return event
+
+
+#: Stands in for trio-websocket's ``_open_handshake`` Event once it was set
+#: (a set Event stays set: ``wait()`` returns at once, ``set()`` does
+#: nothing) and for ``_for_testing_peer_closed_connection``, which only
+#: trio-websocket's own tests wait for.
+_SET_EVENT = _set_event()
+
+
 def release_handshake_state(ws: object) -> bool:
     """Let the opening handshake's objects go once the WebSocket is open.
 
@@ -335,11 +374,17 @@ def release_handshake_state(ws: object) -> bool:
     and trio-websocket 0.12 the client's ``Request``; neither is used again
     after the 101. On a fleet server of idle sessions that is a tenth of each
     session. This swaps the handshake for :class:`_OpenedHandshake` and drops
-    the client's request -- private attributes (``WebSocketConnection._wsproto``,
-    ``._initial_request``, ``H11Handshake._events``), so only for the
+    the client's request; it also swaps the open connection's (empty) event
+    deque for an :class:`_EventList` and trio-websocket's set
+    ``_open_handshake`` Event and its test-only
+    ``_for_testing_peer_closed_connection`` Event for the shared, set
+    :data:`_SET_EVENT` (~1.3 KiB together). These are private attributes
+    (``WebSocketConnection._wsproto``, ``._initial_request``,
+    ``._open_handshake``, ``._for_testing_peer_closed_connection``,
+    ``H11Handshake._events``, ``Connection._events``), so only for the
     releases in :data:`HANDSHAKE_TESTED_VERSIONS`, and only when the
     connection is open with no handshake event pending. Returns whether it
-    did; ``tests/test_handshake_release.py`` fails loudly on other releases.
+    did; ``tests/test_fleet.py`` fails loudly on other releases.
     Synchronous: call it in the task that completed the handshake.
     """
     if not isinstance(ws, WebSocketConnection):
@@ -360,6 +405,16 @@ def release_handshake_state(ws: object) -> bool:
     connection.handshake = _OPENED_HANDSHAKE  # type: ignore[assignment]
     if hasattr(ws, "_initial_request"):
         ws._initial_request = None
+    opened: Any = connection.connection
+    events = getattr(opened, "_events", None)
+    if type(events) is deque and not events:
+        opened._events = _EventList()
+    conn: Any = ws
+    opening = getattr(conn, "_open_handshake", None)
+    if isinstance(opening, trio.Event) and opening.is_set():
+        conn._open_handshake = _SET_EVENT
+    if isinstance(getattr(conn, "_for_testing_peer_closed_connection", None), trio.Event):
+        conn._for_testing_peer_closed_connection = _SET_EVENT
     return True
 
 
@@ -373,6 +428,20 @@ class SessionStatistics:
 
 class Session:
     """One WebSocket carrying many streams. Create it, then ``await run()``."""
+
+    # Slots: a fleet server holds thousands of idle sessions, and a
+    # dict for ~40 attributes (past CPython's key-sharing limit) is ~1.6 KiB.
+    __slots__ = (
+        "_dial_lot", "_dial_stats", "_dials_in_flight", "_ended", "_ended_event", "_fifo",
+        "_fifo_control", "_fifo_data_bytes",
+        "_fifo_in", "_fifo_out", "_nursery", "_on_connect", "_pauses_received",
+        "_resets_local", "_resets_overrun", "_resets_peer", "_resets_protocol", "_resets_sync",
+        "_small", "_small_bytes", "_small_run", "_space_lot", "_streams", "_transport",
+        "_urgent", "_watch", "_writer_idle", "_writer_lot", "_writer_retire",
+        "_writer_running", "bytes_received", "bytes_sent", "client_key", "end_reason", "id",
+        "limits", "on_announce", "on_end", "remote", "role", "started_at", "started_wall",
+        "state", "ws",
+    )
 
     def __init__(
         self,
@@ -388,6 +457,7 @@ class Session:
         remote: str = "",
         dial_stats: DialStats | None = None,
         on_announce: Callable[[ClientAnnounced], None] | None = None,
+        watch: KeepaliveWatch | None = None,
     ) -> None:
         self.ws = ws
         self._transport = transport
@@ -402,7 +472,7 @@ class Session:
         self.started_at = trio.current_time()
         self.started_wall = time.time()
         #: Dial outcomes of the streams this side opens (shared by a server's sessions).
-        self.dial_stats = dial_stats if dial_stats is not None else DialStats()
+        self._dial_stats = dial_stats  # created on first use if None (see dial_stats)
         # Cumulative counters (see counters()): plain ints, one add per frame.
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -420,6 +490,9 @@ class Session:
             extensions=extensions,
         )
         self._on_connect = on_connect
+        #: Who holds the keepalive deadline: a server's watch (running), or
+        #: None: the reader, in a cancel scope of its own.
+        self._watch = watch
         #: Called synchronously for each AddClient/RemoveClient received
         #: (server sessions; a peer's announcements). None: ignored.
         self.on_announce = on_announce
@@ -441,14 +514,16 @@ class Session:
         #: Small Data frames of streams with nothing else queued (see _queue_data).
         self._small: deque[tuple[bytes, int, TunnelStream]] = _NO_QUEUE
         self._small_run = 0  # small-lane bytes sent since the last bulk item
-        self._writer_lot = trio.lowlevel.ParkingLot()
+        # Parking lots and the ended Event are created when first needed
+        # (an idle session needs none of them).
+        self._writer_lot: trio.lowlevel.ParkingLot | None = None
         # The writer task runs only while there is something to write: it is
         # started by the first frame queued and retired by the reader once it
         # has been idle (see _start_writer, _retire_idle_writer).
         self._writer_running = False
         self._writer_idle = False
         self._writer_retire = False
-        self._space_lot = trio.lowlevel.ParkingLot()
+        self._space_lot: trio.lowlevel.ParkingLot | None = None
         # Our dials whose outcome is not known yet, and (made on first need)
         # where dials wait while max_dials_in_flight of them are (see dial_slot).
         self._dials_in_flight = 0
@@ -456,12 +531,29 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._ended = False
         self.end_reason: BaseException | None = None
-        self.ended = trio.Event()
+        self._ended_event: trio.Event | None = None
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.role.value} {self.client_key!r}>"
 
     # --- public -----------------------------------------------------------
+
+    @property
+    def dial_stats(self) -> DialStats:
+        """Outcomes of the dials through this session (a server shares one
+        among its sessions; otherwise created when first needed)."""
+        stats = self._dial_stats
+        if stats is None:
+            stats = self._dial_stats = DialStats()
+        return stats
+
+    @property
+    def ended(self) -> trio.Event:
+        """Set once :meth:`run` has finished (the WebSocket is closed)."""
+        event = self._ended_event
+        if event is None:
+            event = self._ended_event = trio.Event()
+        return event
 
     @property
     def is_open(self) -> bool:
@@ -629,9 +721,46 @@ class Session:
                 if self.role is Role.CLIENT:
                     nursery.start_soon(self._keepalive)
                 task_status.started()
+                # The reader: wait for the WebSocket's end (messages are mostly
+                # handled inline) and watch for a silent peer: the keepalive
+                # deadline is this task's (or, on a server, its KeepaliveWatch's),
+                # so a session needs no watchdog task of its own. In run()
+                # itself: a coroutine frame less per idle session.
+                get_message, inline = self._start_reading()
+                watch = self._watch
+                entry = None
                 try:
-                    await self._reader()
+                    if watch is not None:
+                        entry = watch.watch(
+                            self, self._transport.last_receive + self.limits.ping_timeout
+                        )
+                    closed = False
+                    while not closed:
+                        scope: contextlib.AbstractContextManager[object] = _NO_SCOPE
+                        if watch is None:
+                            # One cancel scope per ping_timeout of quiet, not per message.
+                            deadline = self._keepalive_due(trio.current_time())
+                            if deadline is None:
+                                break
+                            scope = trio.CancelScope(deadline=deadline)
+                        with scope:
+                            while True:
+                                try:
+                                    message = await get_message()
+                                except (ConnectionClosed, trio.EndOfChannel,
+                                        trio.ClosedResourceError) as exc:
+                                    self._closed_by(exc)
+                                    closed = True
+                                    break
+                                if inline is not None and inline.failed is not None:
+                                    # The next message after the failure is its marker.
+                                    raise inline.failed
+                                self._deliver(message)
+                except ProtocolError as exc:
+                    self._abort(exc)
                 finally:
+                    if entry is not None:
+                        entry[2] = None  # the watch lets go of this session
                     self._teardown()
                     nursery.cancel_scope.cancel()
         finally:
@@ -707,7 +836,10 @@ class Session:
     async def _wait_outbox_space(self, small: bool) -> None:
         """Wait until that lane of the outbox takes more Data (at once if ended)."""
         while self._outbox_full(small) and not self._ended:
-            await self._space_lot.park()
+            lot = self._space_lot
+            if lot is None:
+                lot = self._space_lot = trio.lowlevel.ParkingLot()
+            await lot.park()
 
     def _queue_data(self, stream: TunnelStream, chunk: memoryview, small: bool) -> None:
         """Queue one Data frame; the caller checked the stream is writable and
@@ -732,7 +864,9 @@ class Session:
             self._fifo_data_bytes += n
         stream._queued += n
         if self._writer_running:
-            self._writer_lot.unpark()
+            lot = self._writer_lot  # inline _wake_writer: once per queued frame
+            if lot is not None:
+                lot.unpark()
         else:
             self._start_writer()
 
@@ -754,7 +888,9 @@ class Session:
             # The peer provokes replies but does not read them.
             self._abort(ProtocolError("peer is not reading: control frame queue overflow"))
         if self._writer_running:
-            self._writer_lot.unpark()
+            lot = self._writer_lot  # inline _wake_writer: once per queued frame
+            if lot is not None:
+                lot.unpark()
         else:
             self._start_writer()
 
@@ -768,44 +904,40 @@ class Session:
 
     # --- internals: tasks -------------------------------------------------
 
-    async def _reader(self) -> None:
-        """Wait for the WebSocket's end (messages are mostly handled inline)
-        and watch for a silent peer: the keepalive deadline is this task's,
-        so a session needs no watchdog task of its own."""
+    def _start_reading(self) -> tuple[Callable[[], Awaitable[bytes | str]], Any]:
+        """Install inline delivery; what :meth:`run` waits on for messages."""
         ws = self.ws
         inline = _InlineDelivery.install(ws, self._deliver)
+        # With an Inbox, wait on it directly (what get_message does, a
+        # coroutine frame less while idle).
+        if isinstance(inline, Inbox):
+            return inline.receive, inline
+        return ws.get_message, inline
+
+    def _closed_by(self, exc: Exception) -> None:
+        reason = exc.reason if isinstance(exc, ConnectionClosed) else self.ws.closed
+        self.end_reason = SessionLostError(
+            f"WebSocket closed ({reason.code} {reason.name})"
+            if reason is not None
+            else "WebSocket closed"
+        )
+
+    def _keepalive_due(self, now: float) -> float | None:
+        """At a keepalive deadline: end the session if the peer was silent for
+        ``ping_timeout`` (None), else retire an idle writer and return the
+        next deadline (``ping_timeout`` after the last byte received)."""
+        if self._ended:
+            return None
         timeout = self.limits.ping_timeout
-        transport = self._transport
-        try:
-            while True:
-                # One cancel scope per ping_timeout of quiet, not per message.
-                deadline = transport.last_receive + timeout
-                if trio.current_time() >= deadline:
-                    self._abort(
-                        SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)")
-                    )
-                    return
-                self._retire_idle_writer()
-                with trio.CancelScope(deadline=deadline):
-                    while True:
-                        try:
-                            message = await ws.get_message()
-                        except ConnectionClosed as exc:
-                            reason = exc.reason
-                            self.end_reason = SessionLostError(
-                                f"WebSocket closed ({reason.code} {reason.name})"
-                                if reason is not None
-                                else "WebSocket closed"
-                            )
-                            return
-                        if inline is not None and inline.failed is not None:
-                            raise inline.failed  # the next message after the failure is its marker
-                        self._deliver(message)
-        except ProtocolError as exc:
-            self._abort(exc)
+        deadline = self._transport.last_receive + timeout
+        if now >= deadline:
+            self._abort(SessionLostError(f"peer silent for {timeout:.0f} s (keepalive timeout)"))
+            return None
+        self._retire_idle_writer()
+        return deadline
 
     def _deliver(self, message: bytes | str) -> None:
-        """Handle one WebSocket message (from :meth:`_reader` or inline)."""
+        """Handle one WebSocket message (from :meth:`run` or inline)."""
         if self._ended or self.end_reason is not None:
             return  # ending: trio-websocket's reader may still hand us some
         if isinstance(message, str):
@@ -955,7 +1087,7 @@ class Session:
                 kept.append(item)
             self._fifo = kept
         stream._queued = 0
-        self._space_lot.unpark_all()
+        self._wake_senders()
 
     async def _run_handler(
         self, handler: ConnectHandler, stream: TunnelStream, event: ConnectRequested
@@ -971,11 +1103,23 @@ class Session:
         finally:
             stream.close_nowait()
 
+    def _wake_senders(self) -> None:
+        """Wake the senders waiting for outbox space (if any ever waited)."""
+        if self._space_lot is not None:
+            self._space_lot.unpark_all()
+
+    def _wake_writer(self) -> None:
+        """Wake the writer if it is parked with nothing to write."""
+        if self._writer_lot is not None:
+            self._writer_lot.unpark()
+
     def _taken(self, stream: TunnelStream, n: int) -> None:
         """The writer took ``n`` Data bytes of ``stream`` out of the outbox."""
         self.bytes_sent += n
         stream._dequeued(n)
-        self._space_lot.unpark_all()
+        lot = self._space_lot
+        if lot is not None:
+            lot.unpark_all()
 
     def _next_frame(self) -> bytes | None:
         """Take the next frame to write, in lane order, or None if nothing is queued."""
@@ -1019,7 +1163,7 @@ class Session:
         writer task. The next queued frame starts a new one."""
         if self._writer_running and self._writer_idle:
             self._writer_retire = True
-            self._writer_lot.unpark()
+            self._wake_writer()
 
     async def _writer(self) -> None:
         """Write queued frames until the outbox is empty and the reader asked
@@ -1039,10 +1183,14 @@ class Session:
                 if frame is None:
                     if self._writer_retire:
                         self._writer_running = self._writer_retire = False
+                        self._writer_lot = None  # nothing parks on it until the next writer
                         return
                     self._writer_idle = True
+                    lot = self._writer_lot
+                    if lot is None:
+                        lot = self._writer_lot = trio.lowlevel.ParkingLot()
                     try:
-                        await self._writer_lot.park()
+                        await lot.park()
                     finally:
                         self._writer_idle = False
                     continue
@@ -1063,7 +1211,7 @@ class Session:
         except ConnectionClosed:
             # The reader sees the same closure and ends the session; no new
             # writer is started (_writer_running stays set).
-            self._space_lot.unpark_all()
+            self._wake_senders()
 
     def _writer_has_small_next(self, limit: int) -> bool:
         """Is the frame :meth:`_next_frame` would take next at most ``limit`` bytes?"""
@@ -1129,8 +1277,9 @@ class Session:
         self._fifo_data_bytes = 0
         self._small_bytes = 0
         self._fifo_control = 0
-        self._space_lot.unpark_all()
-        self._writer_lot.unpark_all()
+        self._wake_senders()
+        if self._writer_lot is not None:
+            self._writer_lot.unpark_all()
         if self._dial_lot is not None:
             self._dial_lot.unpark_all()
         if self.on_end is not None:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import errno
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import cast
 
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_stream
+from trio_websocket import WebSocketConnection
 
 from ._agent import Dialer, make_connect_handler
 from ._limits import DEFAULT_LIMITS, Limits
 from ._session import EXTENSION_VERSION, ActivityStream, Session
 from ._state import Role
+from ._wsconn import open_client_websocket, open_server_websocket
 
 __all__ = ["FakeNetwork", "echo_handler", "open_session_pair", "websocket_handshake"]
 
@@ -94,11 +94,12 @@ async def websocket_handshake(
 
     async def client_handshake() -> None:
         client_ws.append(
-            await wrap_client_stream(
+            await open_client_websocket(
                 nursery,
-                cast("trio.SocketStream", client_stream),
+                client_stream,
                 "revdial.test",
                 "/connect",
+                extra_headers=[],
                 max_message_size=client_limits.max_message_size,
                 receive_buffer_size=client_limits.read_size,
             )
@@ -106,7 +107,7 @@ async def websocket_handshake(
         client_ready.set()
 
     nursery.start_soon(client_handshake)
-    request = await wrap_server_stream(
+    request = await open_server_websocket(
         nursery,
         server_stream,
         max_message_size=server_limits.max_message_size,
