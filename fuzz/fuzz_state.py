@@ -204,6 +204,9 @@ class Model:
                 assert not self.state.conns[cid].opened_by_us
                 self.removed.discard(cid)  # the peer chose an id: it may reuse one
                 self.delivered[cid] = 0
+                # A Connect for a live id replaces that stream (PROTOCOL.md,
+                # ids reused): a Pause we sent for the old one is void.
+                self.pause_out.discard(cid)
             case Closed(cid, _, _) | Overrun(cid) | Reset(cid, _):
                 assert cid not in self.state.conns
                 self.forget(cid)

@@ -937,6 +937,25 @@ def test_connect_for_id_in_use_replaces_it() -> None:
     assert client.receive(msg(2, MessageType.DATA, b"new"), 1.0) == DataReceived(2, b"new")
 
 
+def test_a_replaced_stream_starts_unpaused() -> None:
+    """Found by fuzz_state (seed 973892678): the old stream was paused; the
+    Connect that reuses its id starts a stream with no Pause out, and the new
+    stream gets a Pause of its own when it fills up (not a Resume for the old)."""
+    limits = Limits(stream_low_water=8, stream_high_water=16, stream_max_buffer=1024)
+    server = SessionState(Role.SERVER, limits=limits)
+    server.receive(msg(3, MessageType.CONNECT, b"tcp/127.0.0.1:22"), 0.0)
+    server.receive(msg(3, MessageType.DATA, bytes(58)), 0.0)
+    (pause,) = drain(server)
+    assert (pause.type, pause.conn_id) == (MessageType.PAUSE, 3)
+    event = server.receive(msg(3, MessageType.CONNECT, b"tcp/127.0.0.1:22"), 0.0)
+    assert event == ConnectRequested(3, "tcp", "127.0.0.1:22", replaced=True)
+    assert not server.conns[3].pause_sent
+    assert drain(server) == []  # no Resume for a stream that is gone
+    server.receive(msg(3, MessageType.DATA, bytes(20)), 0.0)
+    (pause,) = drain(server)
+    assert (pause.type, pause.conn_id) == (MessageType.PAUSE, 3)
+
+
 def test_stream_limit() -> None:
     limits = Limits(max_streams=2)
     state = SessionState(Role.SERVER, limits=limits)
