@@ -25,6 +25,8 @@ from __future__ import annotations
 import h11
 import trio
 
+from ._wrapped import WrappedStream
+
 __all__ = ["ReplayStream", "SlotGate", "read_request_head"]
 
 
@@ -55,13 +57,13 @@ async def read_request_head(stream: trio.abc.ReceiveStream, read_size: int) -> b
         conn.receive_data(bytes(data))  # b"": end of stream (then no NEED_DATA again)
 
 
-class ReplayStream(trio.abc.Stream):
+class ReplayStream(WrappedStream):
     """``inner``, with ``data`` (already read from it) received first."""
 
-    __slots__ = ("_data", "inner")
+    __slots__ = ("_data",)
 
     def __init__(self, inner: trio.abc.Stream, data: bytes) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._data = data
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -72,17 +74,8 @@ class ReplayStream(trio.abc.Stream):
             return out
         return await self.inner.receive_some(max_bytes)
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-class SlotGate(trio.abc.Stream):
+class SlotGate(WrappedStream):
     """Under a TLS handshake: hold a slot of ``slots`` only while there is work.
 
     Each ``receive_some`` gives the slot back before it waits for the peer
@@ -92,10 +85,10 @@ class SlotGate(trio.abc.Stream):
     plain pass-through from then on. ``aclose`` gives it back too.
     """
 
-    __slots__ = ("_holding", "_slots", "gated", "inner")
+    __slots__ = ("_holding", "_slots", "gated")
 
     def __init__(self, inner: trio.abc.Stream, slots: trio.CapacityLimiter) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._slots = slots
         self._holding = False
         self.gated = True
@@ -123,12 +116,6 @@ class SlotGate(trio.abc.Stream):
         await self._slots.acquire_on_behalf_of(self)
         self._holding = True
         return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
         self.open()

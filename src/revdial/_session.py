@@ -75,6 +75,7 @@ from ._state import (
 from ._stats import DialStats, SessionCounters
 from ._stream import TunnelStream
 from ._watch import KeepaliveWatch
+from ._wrapped import WrappedStream
 from ._wsconn import Inbox, inbox_of
 
 __all__ = [
@@ -135,28 +136,19 @@ def tune_transport(stream: trio.SocketStream, limits: Limits) -> None:
         stream.setsockopt(socket.IPPROTO_TCP, option, limits.tcp_notsent_lowat)
 
 
-class ActivityStream(trio.abc.Stream):
+class ActivityStream(WrappedStream):
     """Wraps the transport and records when it last received anything."""
 
-    __slots__ = ("inner", "last_receive")
+    __slots__ = ("last_receive",)
 
     def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.last_receive = trio.current_time()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
         self.last_receive = trio.current_time()
         return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 class _InlineDelivery:
