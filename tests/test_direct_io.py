@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -29,6 +30,21 @@ from conftest import KiB, open_tcp_pair, receive_exactly
 from session_pairs import SMALL_LIMITS, open_pair
 
 READ = 64 * KiB
+
+
+@asynccontextmanager
+async def spliced(
+    seconds: float = 10,
+) -> AsyncIterator[tuple[revdial.TunnelStream, trio.SocketStream, revdial.TunnelStream]]:
+    """Our end of a session pair spliced to a loopback TCP connection, all
+    within ``seconds``: yields (the peer's end, the TCP client, our end)."""
+    async with open_pair(extensions=1) as p:
+        with trio.fail_after(seconds):
+            ours, agent = await p.open()
+            local, client = await open_tcp_pair()
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
+                yield agent, client, ours
 
 
 @pytest.fixture
@@ -67,26 +83,21 @@ async def test_small_exchanges_take_the_direct_paths(
         return queued
 
     monkeypatch.setattr(revdial.TunnelStream, "_send_nowait", counting_send_nowait)
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            local, client = await open_tcp_pair()
-            rng = random.Random(13)
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                for i in range(200):
-                    request = f"GET /{i} ".encode() * rng.randint(1, 50)
-                    await client.send_all(request)
-                    assert await receive_exactly(agent, len(request)) == request
-                    answer = bytes([i % 256]) * rng.randint(1, 3000)
-                    await agent.send_all(answer)
-                    assert await receive_exactly(client, len(answer)) == answer
-                await client.send_eof()
-                assert await agent.receive_some() == b""
-                await agent.aclose()
-                assert await client.receive_some() == b""
-            assert sum(direct_writes) > 0, "answers were not written directly"
-            assert sent_nowait > 0, "requests were not queued without waiting"
+    async with spliced() as (agent, client, _):
+        rng = random.Random(13)
+        for i in range(200):
+            request = f"GET /{i} ".encode() * rng.randint(1, 50)
+            await client.send_all(request)
+            assert await receive_exactly(agent, len(request)) == request
+            answer = bytes([i % 256]) * rng.randint(1, 3000)
+            await agent.send_all(answer)
+            assert await receive_exactly(client, len(answer)) == answer
+        await client.send_eof()
+        assert await agent.receive_some() == b""
+        await agent.aclose()
+        assert await client.receive_some() == b""
+    assert sum(direct_writes) > 0, "answers were not written directly"
+    assert sent_nowait > 0, "requests were not queued without waiting"
 
 
 async def test_a_partial_direct_write_keeps_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,20 +108,15 @@ async def test_a_partial_direct_write_keeps_the_order(monkeypatch: pytest.Monkey
         return lambda data: os.write(fd, data[:3])
 
     monkeypatch.setattr(splice_module, "direct_writer", stingy)
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            local, client = await open_tcp_pair()
-            messages = [bytes([i]) * (1 + 97 * i % 2000) for i in range(1, 60)]
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                for message in messages:
-                    await agent.send_all(message)
-                await agent.aclose()
-                got = bytearray()
-                while chunk := await client.receive_some(READ):
-                    got += chunk
-                assert bytes(got) == b"".join(messages)
+    async with spliced() as (agent, client, _):
+        messages = [bytes([i]) * (1 + 97 * i % 2000) for i in range(1, 60)]
+        for message in messages:
+            await agent.send_all(message)
+        await agent.aclose()
+        got = bytearray()
+        while chunk := await client.receive_some(READ):
+            got += chunk
+        assert bytes(got) == b"".join(messages)
 
 
 async def test_a_socket_that_would_block_gets_backpressure(direct_writes: list[int]) -> None:
@@ -160,39 +166,29 @@ async def test_a_failed_direct_write_falls_back_to_the_receiver(
         return write
 
     monkeypatch.setattr(splice_module, "direct_writer", failing)
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            local, client = await open_tcp_pair()
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                for i in range(20):
-                    await agent.send_all(b"%d;" % i)
-                await agent.aclose()
-                got = bytearray()
-                while chunk := await client.receive_some(READ):
-                    got += chunk
-                assert bytes(got) == b"".join(b"%d;" % i for i in range(20))
-            assert failures > 0
+    async with spliced() as (agent, client, _):
+        for i in range(20):
+            await agent.send_all(b"%d;" % i)
+        await agent.aclose()
+        got = bytearray()
+        while chunk := await client.receive_some(READ):
+            got += chunk
+        assert bytes(got) == b"".join(b"%d;" % i for i in range(20))
+    assert failures > 0
 
 
 async def test_a_reset_client_resets_the_tunnel_stream() -> None:
     """The client resets while small answers are being written to it
     directly: the peer sees a reset, not an orderly end."""
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            local, client = await open_tcp_pair()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                await agent.send_all(b"hello")
-                assert await receive_exactly(client, 5) == b"hello"
-                await revdial.abort(client)
-                with pytest.raises(revdial.StreamResetError) as info:  # noqa: PT012
-                    while True:  # the reset may need a write or two to be noticed
-                        await agent.send_all(b"more")
-                        await trio.testing.wait_all_tasks_blocked()
-                assert "local connection" in info.value.reason
+    async with spliced() as (agent, client, _):
+        await agent.send_all(b"hello")
+        assert await receive_exactly(client, 5) == b"hello"
+        await revdial.abort(client)
+        with pytest.raises(revdial.StreamResetError) as info:  # noqa: PT012
+            while True:  # the reset may need a write or two to be noticed
+                await agent.send_all(b"more")
+                await trio.testing.wait_all_tasks_blocked()
+        assert "local connection" in info.value.reason
 
 
 async def test_bulk_reads_and_writes_stay_intact() -> None:
@@ -231,20 +227,15 @@ async def test_bulk_reads_and_writes_stay_intact() -> None:
 
 async def test_a_reset_while_reading_directly_reaches_the_peer() -> None:
     """ECONNRESET from the direct read is a local failure, sent as a reset."""
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            local, client = await open_tcp_pair()
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                await client.send_all(b"partial")
-                assert await receive_exactly(agent, 7) == b"partial"
-                await agent.send_all(b"unread answer")
-                await trio.testing.wait_all_tasks_blocked()
-                await revdial.abort(client)
-                with pytest.raises(revdial.StreamResetError) as info:
-                    await agent.receive_some()
-                assert "local connection failed" in info.value.reason
+    async with spliced() as (agent, client, _):
+        await client.send_all(b"partial")
+        assert await receive_exactly(agent, 7) == b"partial"
+        await agent.send_all(b"unread answer")
+        await trio.testing.wait_all_tasks_blocked()
+        await revdial.abort(client)
+        with pytest.raises(revdial.StreamResetError) as info:
+            await agent.receive_some()
+        assert "local connection failed" in info.value.reason
 
 
 # --- the lazy receiver: an idle spliced socket holds one task ----------------------
@@ -266,24 +257,19 @@ def _tasks_named(name: str) -> int:
 
 
 async def test_an_idle_spliced_socket_has_no_receiving_task() -> None:
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            local, client = await open_tcp_pair()
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                await trio.testing.wait_all_tasks_blocked()
-                assert _tasks_named("tunnel_to_local") == 0
-                for i in range(5):  # small answers go straight to the socket
-                    await agent.send_all(b"answer %d;" % i)
-                    assert await receive_exactly(client, 9) == b"answer %d;" % i
-                assert _tasks_named("tunnel_to_local") == 0
-                await agent.send_eof()  # the peer's half-close needs a receiver
-                assert await client.receive_some(READ) == b""
-                await client.send_all(b"last words")
-                assert await receive_exactly(agent, 10) == b"last words"
-                await client.send_eof()
-                assert await agent.receive_some() == b""
+    async with spliced() as (agent, client, _):
+        await trio.testing.wait_all_tasks_blocked()
+        assert _tasks_named("tunnel_to_local") == 0
+        for i in range(5):  # small answers go straight to the socket
+            await agent.send_all(b"answer %d;" % i)
+            assert await receive_exactly(client, 9) == b"answer %d;" % i
+        assert _tasks_named("tunnel_to_local") == 0
+        await agent.send_eof()  # the peer's half-close needs a receiver
+        assert await client.receive_some(READ) == b""
+        await client.send_all(b"last words")
+        assert await receive_exactly(agent, 10) == b"last words"
+        await client.send_eof()
+        assert await agent.receive_some() == b""
 
 
 async def test_data_buffered_before_the_splice_is_delivered_first() -> None:
