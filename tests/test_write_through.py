@@ -1,0 +1,238 @@
+"""A small frame is written by the task that makes it, when nothing is queued.
+
+``_DirectWriter`` serializes the frame with trio-websocket's wsproto object and
+writes it with one non-blocking ``os.write`` on the WebSocket's socket, instead
+of waking the session's writer task (a scheduler round later, together with
+every other frame of the round: the two ends of a tunnel then took turns under
+many small requests). These tests pin when it is used (a plain socket, nothing
+queued, the writer not holding frames), that whatever the socket does not take
+goes out through the writer before anything else, byte for byte and in order,
+and that a broken socket still ends the session with a clear error.
+
+Real socket pairs (the direct path needs a descriptor); no timing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from conftest import receive_exactly
+from revdial import Limits, Session, SessionLostError, TunnelStream
+from revdial import _session as session_module
+from revdial._session import ActivityStream, _DirectWriter
+from revdial._state import Role
+from revdial.testing import echo_handler, websocket_handshake
+from session_pairs import open_pair
+
+KiB = 1024
+LIMITS = Limits(ping_timeout=3600.0, ping_interval=3000.0)
+
+
+async def _echo(stream: TunnelStream, proto: str, address: str) -> None:
+    stream.session.dial_succeeded(stream)
+    await echo_handler(stream)
+
+
+@asynccontextmanager
+async def socket_sessions(limits: Limits = LIMITS) -> AsyncIterator[tuple[Session, Session]]:
+    """A server session and an echoing agent session over a unix socket pair."""
+    a, b = trio.socket.socketpair()
+    server_transport = ActivityStream(trio.SocketStream(a))
+    client_transport = ActivityStream(trio.SocketStream(b))
+    async with trio.open_nursery() as nursery:
+        server_ws, client_ws = await websocket_handshake(
+            nursery, client_transport, server_transport, limits, limits
+        )
+        # The revdial extension (half-close, dial confirmations) on both sides.
+        server = Session(server_ws, server_transport, Role.SERVER, client_key="c1",
+                         limits=limits, extensions=1)
+        client = Session(client_ws, client_transport, Role.CLIENT, client_key="client",
+                         limits=limits, on_connect=_echo, extensions=1)
+        await nursery.start(server.run)
+        await nursery.start(client.run)
+        try:
+            yield server, client
+        finally:
+            nursery.cancel_scope.cancel()
+    # A session that ended by itself leaves its transport to its owner (the
+    # server closes it; trio-websocket does not).
+    await trio.aclose_forcefully(server_transport)
+    await trio.aclose_forcefully(client_transport)
+
+
+class _Writes:
+    """Stands in for ``os`` in the session module: counts direct writes and
+    makes the next ones take only ``take`` bytes (0: EAGAIN) or fail."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.take: int | None = None  # None: write all
+        self.fail: OSError | None = None
+
+    def write(self, fd: int, data: bytes) -> int:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        if self.take is None:
+            return os.write(fd, data)
+        if self.take == 0:
+            raise BlockingIOError
+        return os.write(fd, data[: self.take])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+@pytest.fixture
+def writes(monkeypatch: pytest.MonkeyPatch) -> _Writes:
+    shim = _Writes()
+    monkeypatch.setattr(session_module, "os", shim)
+    return shim
+
+
+@pytest.fixture
+def writer_starts(monkeypatch: pytest.MonkeyPatch) -> list[Session]:
+    """The sessions whose writer task was started, once per start."""
+    started: list[Session] = []
+    original: Callable[[Session], None] = Session._start_writer
+
+    def start(self: Session) -> None:
+        if not self._writer_running:
+            started.append(self)
+        original(self)
+
+    monkeypatch.setattr(Session, "_start_writer", start)
+    return started
+
+
+async def test_installed_on_a_plain_socket_only() -> None:
+    async with socket_sessions() as (server, client):
+        assert server._direct is not None
+        assert client._direct is not None
+    # Memory streams (and the tests' recording wrapper): the writer task writes.
+    async with open_pair(limits=LIMITS, record=False) as p:
+        assert p.server._direct is None
+        assert _DirectWriter.install(p.server.ws) is None
+    async with open_pair(limits=LIMITS) as p:
+        assert p.server._direct is None
+
+
+async def test_small_messages_need_no_writer_task(
+    writes: _Writes, writer_starts: list[Session]
+) -> None:
+    async with socket_sessions() as (server, client):
+        # The agent's first ping (its keepalive task, through trio-websocket)
+        # holds the transport for a moment: the frames made then queue.
+        await _echo_once(server.open_stream("tcp", "echo:0"), b"warm-up")
+        writer_starts.clear()
+        before = writes.calls
+        stream = server.open_stream("tcp", "echo:1")  # its Connect: a direct write
+        for i in range(50):
+            message = b"message %d" % i
+            await stream.send_all(message)
+            assert await receive_exactly(stream, len(message)) == message
+        await stream.send_eof()
+        assert await stream.receive_some() == b""
+        # Connect, its confirmation, 50 messages each way, EOF both ways: every
+        # frame went out from the task that made it; no writer task started.
+        assert writer_starts == []
+        assert writes.calls - before >= 104
+        assert server.bytes_sent == client.bytes_sent == len(b"warm-up") + sum(
+            len(b"message %d" % i) for i in range(50))
+
+
+async def _echo_once(stream: TunnelStream, message: bytes) -> None:
+    await stream.send_all(message)
+    assert await receive_exactly(stream, len(message)) == message
+    await stream.send_eof()
+    assert await stream.receive_some() == b""
+
+
+@pytest.mark.parametrize("take", [0, 1, 7])
+async def test_what_the_socket_does_not_take_goes_first_through_the_writer(
+    writes: _Writes, writer_starts: list[Session], take: int
+) -> None:
+    """A short write (``take`` bytes, 0: EAGAIN) leaves the rest to the writer;
+    frames made meanwhile queue behind it, and every stream's bytes arrive
+    whole and in order."""
+    async with socket_sessions() as (server, _), trio.open_nursery() as nursery:
+        streams = [server.open_stream("tcp", f"echo:{i}") for i in range(8)]
+        await trio.testing.wait_all_tasks_blocked()
+        writes.take = take
+        payloads = [b"".join(b"%d:%d;" % (i, n) for n in range(400)) for i in range(8)]
+        got: dict[int, bytes] = {}
+
+        async def exchange(i: int) -> None:
+            stream = streams[i]
+            for n in range(0, len(payloads[i]), 100):
+                await stream.send_all(payloads[i][n:n + 100])
+            await stream.send_eof()
+            got[i] = await receive_exactly(stream, len(payloads[i]))
+
+        for i in range(8):
+            nursery.start_soon(exchange, i)
+        await trio.testing.wait_all_tasks_blocked()
+        writes.take = None
+    assert got == dict(enumerate(payloads))
+    assert server in writer_starts  # the rest of a short write is the writer's job
+
+
+async def test_a_broken_socket_ends_the_session_not_a_hang(writes: _Writes) -> None:
+    async with socket_sessions() as (server, client):
+        stream = server.open_stream("tcp", "echo:1")
+        await stream.send_all(b"hello")
+        assert await receive_exactly(stream, 5) == b"hello"
+        writes.fail = BrokenPipeError(32, "Broken pipe")
+        # The direct write fails: its frame goes to the writer, which meets the
+        # broken transport (made real here) and ends the session.
+        await client._transport.inner.aclose()
+        with trio.fail_after(5), pytest.raises(SessionLostError):
+            await _send_until_it_fails(stream)
+        await server.ended.wait()
+        assert server._direct is None
+
+
+async def _send_until_it_fails(stream: TunnelStream) -> None:
+    while True:
+        await stream.send_all(b"more")
+        await stream.receive_some()
+
+
+async def test_bulk_and_small_streams_share_the_socket_in_order(
+    writes: _Writes,
+) -> None:
+    """Bulk frames (never written directly) and small ones (written directly
+    whenever nothing is queued) on the same session: no stream's bytes are
+    reordered or lost."""
+    total = 2 * 1024 * KiB
+    bulk_data = os.urandom(total)
+    async with socket_sessions() as (server, _), trio.open_nursery() as nursery:
+        bulk = server.open_stream("tcp", "echo:bulk")
+        digest: list[bytes] = []
+
+        async def read_bulk() -> None:
+            digest.append(hashlib.sha256(await receive_exactly(bulk, total)).digest())
+
+        async def write_bulk() -> None:
+            await bulk.send_all(bulk_data)
+            await bulk.send_eof()
+
+        nursery.start_soon(read_bulk)
+        nursery.start_soon(write_bulk)
+        for i in range(20):
+            chat = server.open_stream("tcp", f"echo:{i}")
+            for n in range(10):
+                message = b"chat %d/%d" % (i, n)
+                await chat.send_all(message)
+                assert await receive_exactly(chat, len(message)) == message
+            await chat.aclose()
+    assert digest == [hashlib.sha256(bulk_data).digest()]
+    assert writes.calls > 0
