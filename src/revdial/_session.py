@@ -11,12 +11,13 @@ bytes and wakes tasks.
 
 Writes: a frame is never torn, even by a cancelled sender. While nothing is
 queued, a small frame is written at once by the task that made it (one
-non-blocking write on a plain socket, :class:`_DirectWriter`); otherwise, and
-for whatever the socket does not take, frames go through one writer task. Urgent frames (Pause, Resume, Sync, replies) overtake
-queued Data; Connect and closing Error frames keep their place behind their
-stream's Data. Small Data frames (``Limits.small_frame_bytes``) of a stream
-with nothing else queued take a lane ahead of bulk Data, with a byte budget
-so bulk is never starved; a stream's own frames never overtake each other.
+non-blocking write on a plain socket, :class:`_DirectWriter`); otherwise, and for
+whatever the socket does not take, frames go through one writer task. Urgent
+frames (Pause, Resume, Sync, replies) overtake queued Data; Connect and closing
+Error frames keep their place behind their stream's Data. Small Data frames
+(``Limits.small_frame_bytes``) of a stream with nothing else queued take a lane
+ahead of bulk Data, with a byte budget so bulk is never starved; a stream's own
+frames never overtake each other.
 Data is bounded by ``Limits.outbox_bytes``: senders wait.
 
 Reads never block on a stream: Data is appended to the stream's buffer and

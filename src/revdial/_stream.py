@@ -310,10 +310,36 @@ class TunnelStream(trio.abc.HalfCloseableStream):
         did not take, the peer's EOF or half-close, a failure). At once if
         it already has. Until then data goes straight to the sink: an idle
         spliced stream holds one task, not two."""
+        if self._buffer and self._sink is not None:
+            self._drain_to_sink()
         if self._buffer or self._error is not None or self._peer_eof or self._peer_write_closed:
             spawn()
         else:
             self._drain_spawn = spawn
+
+    def _drain_to_sink(self) -> None:
+        """Write what is buffered to the sink, while it takes everything.
+
+        At a splice's start: data that arrived during the dial (remotedialer
+        sends the first bytes right behind the Connect) needs no receiver task
+        -- which would then stay, a task per idle stream -- if the local
+        socket takes it at once.
+        """
+        sink = self._sink
+        assert sink is not None
+        buffer = self._buffer
+        while buffer:
+            chunk = buffer[0]
+            try:
+                sent = sink(chunk)
+            except OSError:
+                return  # the receiver's own write meets the failure
+            if sent:
+                self._session._consumed(self.conn_id, sent)
+            if sent < len(chunk):
+                buffer[0] = chunk[sent:]
+                return
+            buffer.pop(0)
 
     def _first_byte_due(self) -> float:
         """The first-byte deadline while it still applies, else ``inf``."""
