@@ -47,6 +47,25 @@ async def spliced(
                 yield agent, client, ours
 
 
+@asynccontextmanager
+async def spliced_after(
+    *early: bytes,
+) -> AsyncIterator[tuple[revdial.TunnelStream, trio.SocketStream]]:
+    """As :func:`spliced`, but the peer's ``early`` data reaches our end (and
+    is buffered there) before the splice starts, as during an agent's dial:
+    yields (the peer's end, the TCP client)."""
+    async with open_pair(extensions=1) as p:
+        with trio.fail_after(10):
+            ours, agent = await p.open()
+            for data in early:
+                await agent.send_all(data)
+            await trio.testing.wait_all_tasks_blocked()  # buffered in `ours`
+            local, client = await open_tcp_pair()
+            async with client, trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
+                yield agent, client
+
+
 @pytest.fixture
 def direct_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count the bytes each direct write of the splice hands to the kernel."""
@@ -273,40 +292,25 @@ async def test_an_idle_spliced_socket_has_no_receiving_task() -> None:
 
 
 async def test_data_buffered_before_the_splice_is_delivered_first() -> None:
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            await agent.send_all(b"early")
-            await trio.testing.wait_all_tasks_blocked()  # buffered in `ours`
-            local, client = await open_tcp_pair()
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                await agent.send_all(b" and late")
-                assert await receive_exactly(client, 14) == b"early and late"
-                await agent.aclose()
-                assert await client.receive_some(READ) == b""
+    async with spliced_after(b"early") as (agent, client):
+        await agent.send_all(b" and late")
+        assert await receive_exactly(client, 14) == b"early and late"
+        await agent.aclose()
+        assert await client.receive_some(READ) == b""
 
 
 async def test_early_data_needs_no_receiving_task() -> None:
     """Data that arrived during the dial (a remotedialer server sends it right
     behind the Connect) goes to the socket as the splice starts: the stream
     then idles with one task, as if the data had come later."""
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            await agent.send_all(b"early")
-            await agent.send_all(b" bytes")
-            await trio.testing.wait_all_tasks_blocked()  # buffered in `ours`
-            local, client = await open_tcp_pair()
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                assert await receive_exactly(client, 11) == b"early bytes"
-                await trio.testing.wait_all_tasks_blocked()
-                assert _tasks_named("tunnel_to_local") == 0
-                await agent.send_all(b"; later")
-                assert await receive_exactly(client, 7) == b"; later"
-                await agent.aclose()
-                assert await client.receive_some(READ) == b""
+    async with spliced_after(b"early", b" bytes") as (agent, client):
+        assert await receive_exactly(client, 11) == b"early bytes"
+        await trio.testing.wait_all_tasks_blocked()
+        assert _tasks_named("tunnel_to_local") == 0
+        await agent.send_all(b"; later")
+        assert await receive_exactly(client, 7) == b"; later"
+        await agent.aclose()
+        assert await client.receive_some(READ) == b""
 
 
 async def test_early_data_the_socket_does_not_take_goes_to_a_receiver(
@@ -326,21 +330,13 @@ async def test_early_data_the_socket_does_not_take_goes_to_a_receiver(
         return write
 
     monkeypatch.setattr(splice_module, "direct_writer", three_bytes_once)
-    async with open_pair(extensions=1) as p:
-        with trio.fail_after(10):
-            ours, agent = await p.open()
-            await agent.send_all(b"early")
-            await agent.send_all(b" bytes")
-            await trio.testing.wait_all_tasks_blocked()
-            local, client = await open_tcp_pair()
-            async with client, trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: revdial.splice(ours, local, read_size=READ))
-                await agent.send_all(b"; later")
-                # The rest of the first chunk, the second and the later data
-                # follow in order through the receiver.
-                assert await receive_exactly(client, 18) == b"early bytes; later"
-                await agent.aclose()
-                assert await client.receive_some(READ) == b""
+    async with spliced_after(b"early", b" bytes") as (agent, client):
+        await agent.send_all(b"; later")
+        # The rest of the first chunk, the second and the later data follow
+        # in order through the receiver.
+        assert await receive_exactly(client, 18) == b"early bytes; later"
+        await agent.aclose()
+        assert await client.receive_some(READ) == b""
 
 
 async def test_a_silent_go_agent_times_out_the_dial_of_an_idle_splice(
