@@ -9,6 +9,10 @@ Kinds:
   (``benchmarks.baselines ws-server`` / ``ws-client``).
 * ``revdial``: ``revdial server --forward`` + ``revdial agent``, the CLI as shipped.
 * ``revdial-base``: the CLI of an older checkout (``$REVDIAL_BASE_SRC``), for A/B.
+* ``revdial-tls``: ``revdial`` with the WebSocket under TLS (``--tls-cert`` /
+  ``--tls-key`` on the server, ``wss://`` and ``--ca-file`` on the agent; a
+  throw-away ``trustme`` CA), as a deployment without a TLS terminator in
+  front of the server runs it.
 * ``revdial-lib``: the same through the library (``benchmarks.revdial_forward``),
   for a frame size or ``extensions=False`` the CLI does not expose.
 * ``ssh``: ``ssh -R`` through a private sshd on 127.0.0.1 (OpenSSH defaults; a
@@ -41,6 +45,8 @@ DESCRIPTIONS = {
     "revdial": "revdial CLI (server --forward + agent)",
     "revdial-noext": "revdial, agent extensions=False (plain remotedialer)",
     "revdial-base": "revdial CLI of an older checkout ($REVDIAL_BASE_SRC)",
+    "revdial-tls": "revdial CLI, WebSocket under TLS (wss://)",
+    "revdial-tls-base": "revdial-tls with an older checkout ($REVDIAL_BASE_SRC)",
     "ssh": "OpenSSH ssh -R (private sshd)",
 }
 
@@ -98,8 +104,8 @@ def open_tunnel(
     log_level: str = "warning",
 ) -> Iterator[Tunnel]:
     """Start ``kind`` forwarding a fresh loopback port to each target port."""
-    if kind == "revdial-base":
-        kind, env = "revdial", {**(env or {}), **base_env()}
+    if kind in ("revdial-base", "revdial-tls-base"):
+        kind, env = kind.removesuffix("-base"), {**(env or {}), **base_env()}
     with contextlib.ExitStack() as stack:
 
         def start(role: str, cmd: Sequence[str]) -> Proc:
@@ -129,18 +135,34 @@ def open_tunnel(
             start("agent", module_cmd("benchmarks.baselines", "ws-client", "--ws-port",
                                       str(ws_port), "--msg-size", str(msg_size)))
             server.wait_output("client ready")
-        elif kind == "revdial":
+        elif kind in ("revdial", "revdial-tls"):
             listen = free_port()
             args = [a for lp, tp in zip(ports, targets, strict=True)
                     for a in ("--forward", f"{LOOPBACK}:{lp}={KEY}/{LOOPBACK}:{tp}")]
+            server_tls: list[str] = []
+            agent_tls: list[str] = []
+            scheme = "ws"
+            if kind == "revdial-tls":
+                import trustme  # a revdial dependency (its demo's CA)
+
+                tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tls-")))
+                ca = trustme.CA()
+                cert = ca.issue_cert(LOOPBACK)
+                ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
+                cert.cert_chain_pems[0].write_to_path(str(tmp / "cert.pem"))
+                cert.private_key_pem.write_to_path(str(tmp / "key.pem"))
+                server_tls = ["--tls-cert", str(tmp / "cert.pem"), "--tls-key",
+                              str(tmp / "key.pem")]
+                agent_tls = ["--ca-file", str(tmp / "ca.pem")]
+                scheme = "wss"
             server = start("server", revdial_cmd(
                 "server", "--listen", f"{LOOPBACK}:{listen}", "--token", TOKEN, *args,
-                log_level="info" if log_level == "warning" else log_level))
+                *server_tls, log_level="info" if log_level == "warning" else log_level))
             wait_listening(listen)
             allow = [a for tp in targets for a in ("--allow", f"{LOOPBACK}:{tp}")]
             start("agent", revdial_cmd(
-                "agent", "--server", f"ws://{LOOPBACK}:{listen}/connect", "--id", KEY,
-                "--token", TOKEN, *allow, log_level=log_level))
+                "agent", "--server", f"{scheme}://{LOOPBACK}:{listen}/connect", "--id", KEY,
+                "--token", TOKEN, *allow, *agent_tls, log_level=log_level))
             server.wait_output(f"client '{KEY}' connected")
         elif kind == "revdial-lib":
             listen = free_port()

@@ -14,8 +14,9 @@ for the whole run, rounds interleaved (A B C D, then D C B A, ...):
 * ``revdial``: wrk -> ``revdial server --forward`` -> tunnel -> ``revdial agent`` -> nginx;
 * ``frontdoor``: wrk -> ``revdial server --http-listen`` (front door, plain HTTP, a
   user token) -> tunnel -> the agent's h11 reverse proxy (``--upstream``) -> nginx;
-* ``revdial-base`` / ``frontdoor-base``: the same through an older checkout's CLI
-  (``REVDIAL_BASE_SRC=<checkout>/src``), for A/B in one run.
+* ``revdial-tls``: ``revdial`` with the WebSocket under TLS (``wss://``);
+* ``revdial-base`` / ``frontdoor-base`` / ``revdial-tls-base``: the same through
+  an older checkout's CLI (``REVDIAL_BASE_SRC=<checkout>/src``), for A/B in one run.
 
 Each figure is the median over ``--repeat`` rounds; each ratio is the median of
 the per-round ratios to ``relay`` (the trio floor for a byte pump). Also the
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--paths", nargs="+", default=ALL_PATHS,
-                        choices=[*ALL_PATHS, "revdial-base", "frontdoor-base"])
+                        choices=[*ALL_PATHS, "revdial-base", "frontdoor-base", "revdial-tls",
+                                 "revdial-tls-base"])
     parser.add_argument("--name", default="smallreq")
     args = parser.parse_args(argv)
     reason = unavailable()
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.paths:
             if path == "direct":
                 tunnels[path] = (upstream, {}, [])
-            elif path in ("relay", "revdial", "revdial-base"):
+            elif path in ("relay", "revdial", "revdial-base", "revdial-tls", "revdial-tls-base"):
                 tunnel = stack.enter_context(open_tunnel(path, [upstream]))
                 tunnels[path] = (tunnel.ports[0], tunnel.pids, [])
             else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
+import trustme
 
 from conftest import receive_exactly
 from revdial import Limits, Session, SessionLostError, TunnelStream
@@ -41,12 +43,33 @@ async def _echo(stream: TunnelStream, proto: str, address: str) -> None:
     await echo_handler(stream)
 
 
+_CA = trustme.CA()
+_CERT = _CA.issue_cert("revdial.test")
+
+
+def _tls_pair(
+    a: trio.socket.SocketType, b: trio.socket.SocketType
+) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    _CERT.configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    _CA.configure_trust(client_ctx)
+    return (trio.SSLStream(trio.SocketStream(a), server_ctx, server_side=True),
+            trio.SSLStream(trio.SocketStream(b), client_ctx, server_hostname="revdial.test"))
+
+
 @asynccontextmanager
-async def socket_sessions(limits: Limits = LIMITS) -> AsyncIterator[tuple[Session, Session]]:
-    """A server session and an echoing agent session over a unix socket pair."""
+async def socket_sessions(
+    tls: bool = False, limits: Limits = LIMITS
+) -> AsyncIterator[tuple[Session, Session]]:
+    """A server session and an echoing agent session over a unix socket pair
+    (``tls``: with TLS over it, as ``wss://``)."""
     a, b = trio.socket.socketpair()
-    server_transport = ActivityStream(trio.SocketStream(a))
-    client_transport = ActivityStream(trio.SocketStream(b))
+    server_raw, client_raw = (
+        _tls_pair(a, b) if tls else (trio.SocketStream(a), trio.SocketStream(b))
+    )
+    server_transport = ActivityStream(server_raw)
+    client_transport = ActivityStream(client_raw)
     async with trio.open_nursery() as nursery:
         server_ws, client_ws = await websocket_handshake(
             nursery, client_transport, server_transport, limits, limits
@@ -123,6 +146,23 @@ async def test_installed_on_a_plain_socket_only() -> None:
         assert _DirectWriter.install(p.server.ws) is None
     async with open_pair(limits=LIMITS) as p:
         assert p.server._direct is None
+
+
+async def test_under_tls_every_frame_goes_through_the_writer(writes: _Writes) -> None:
+    """trio's SSLStream takes one writer at a time: no direct writes under TLS.
+
+    (A version that encrypted each frame with the SSLStream's own SSLObject
+    was measured and dropped: every small frame became a TLS record of its
+    own, which the receiving SSLStream reads one per ``receive_some``, each
+    with a scheduler round; the CPU per small request doubled and the
+    request rate did not move. ``benchmarks/README.md``, round four.)
+    """
+    async with socket_sessions(tls=True) as (server, client):
+        assert server._direct is None
+        assert client._direct is None
+        for i in range(5):
+            await _echo_once(server.open_stream("tcp", f"echo:{i}"), b"over TLS %d" % i)
+    assert writes.calls == 0
 
 
 async def test_small_messages_need_no_writer_task(
