@@ -43,6 +43,9 @@ BASELINES = ["plain", "relay", "wspipe", "ssh"]
 MALLOC_TUNED = {"MALLOC_MMAP_THRESHOLD_": "4194304", "MALLOC_TRIM_THRESHOLD_": "67108864"}
 EXPERIMENTS: dict[str, tuple[str, dict[str, object]]] = {
     "revdial-base": ("revdial-base", {}),
+    # The WebSocket under TLS (--tls-cert / wss://), this checkout and the older one.
+    "revdial-tls": ("revdial-tls", {}),
+    "revdial-tls-base": ("revdial-tls-base", {}),
     "revdial-malloc": ("revdial", {"env": MALLOC_TUNED}),
     "wspipe-malloc": ("wspipe", {"env": MALLOC_TUNED}),
     # revdial through the library (benchmarks.revdial_forward), default Limits

@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -142,18 +143,55 @@ def tune_transport(stream: trio.SocketStream, limits: Limits) -> None:
 
 
 class ActivityStream(WrappedStream):
-    """Wraps the transport and records when it last received anything."""
+    """Wraps the transport and records when it last received anything.
 
-    __slots__ = ("last_receive",)
+    Over TLS (a ``trio.SSLStream`` of a tested trio release): each receive
+    also returns the plaintext of the further complete TLS records already
+    received. ``SSLStream.receive_some`` hands out one record per call, with a
+    scheduler round each; when the peer writes each small frame as it is made
+    (see ``_DirectWriter``), that is one round per frame.
+    """
+
+    __slots__ = ("_tls", "last_receive")
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         super().__init__(inner)
         self.last_receive = trio.current_time()
+        self._tls: Any = None  # decided on first receive (see tls_internals)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
         self.last_receive = trio.current_time()
+        tls = self._tls
+        if tls is None:
+            inner = _unwrapped(self.inner)
+            tls = self._tls = inner if tls_internals(inner) else False
+        if tls is not False and data and max_bytes is not None:
+            data = self._more_records(tls, data, max_bytes)
         return data
+
+    @staticmethod
+    def _more_records(tls: Any, data: bytes | bytearray, max_bytes: int) -> bytes | bytearray:
+        """``data`` plus the plaintext of complete records already in ``tls``'s
+        incoming buffer, up to ``max_bytes`` in all. Stops at anything but
+        plain application data (an incomplete record, an alert, a close, a
+        record that makes the TLS layer want to send): the next receive
+        handles it the ordinary way."""
+        ssl_object = tls._ssl_object
+        parts = [data]
+        room = max_bytes - len(data)
+        while room > 0 and (tls._incoming.pending or ssl_object.pending()):
+            try:
+                more = ssl_object.read(room)
+            except ssl.SSLError:  # want-read (incomplete record), or a failure
+                break
+            if not more or tls._outgoing.pending:
+                if more:
+                    parts.append(more)
+                break
+            parts.append(more)
+            room -= len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class _InlineDelivery:
@@ -294,6 +332,29 @@ class _BatchSender:
                 raise ConnectionClosed(ws._close_reason) from None
 
 
+#: trio releases whose private ``SSLStream`` state :class:`_DirectWriter` and
+#: :class:`ActivityStream` use (see :func:`tls_internals`).
+TLS_TESTED_TRIO_VERSIONS = ("0.35.",)
+_TLS_ATTRIBUTES = ("_ssl_object", "_outgoing", "_incoming", "_inner_send_lock",
+                   "_delayed_outgoing", "_outer_send_conflict_detector", "_state", "_handshook")
+
+
+def _unwrapped(stream: object) -> object:
+    while isinstance(stream, WrappedStream):
+        stream = stream.inner
+    return stream
+
+
+def tls_internals(stream: object) -> bool:
+    """May revdial use ``stream``'s private state (a ``trio.SSLStream`` of a
+    tested trio release)?"""
+    return (
+        type(stream) is trio.SSLStream
+        and trio.__version__.startswith(TLS_TESTED_TRIO_VERSIONS)
+        and all(hasattr(stream, name) for name in _TLS_ATTRIBUTES)
+    )
+
+
 class _DirectWriter:
     """Write frames to the WebSocket's socket at once, from the task that made them.
 
@@ -307,52 +368,114 @@ class _DirectWriter:
     instead of with every other ready request at the end of the round, which
     made the server and the agent take turns under many small requests.
 
-    Only for a plain TCP or unix socket (never under TLS). What the socket
-    does not take (full buffer, or an error the writer then meets and reports
-    as usual) is returned; the session's writer writes it before anything else.
+    On a plain TCP or unix socket, and on TLS over one (``wss://``): there the
+    frame is encrypted with the ``SSLStream``'s own ``SSLObject`` and its
+    ciphertext taken from the stream's outgoing buffer, exactly as
+    ``SSLStream.send_all`` does, but only while that stream has no operation
+    that could order ciphertext before ours (its send lock free, nothing
+    pending, no delayed session tickets, the handshake done): private state of
+    trio's ``SSLStream``, used only with the trio releases it was tested with
+    (``TLS_TESTED_TRIO_VERSIONS``). What the socket does not take is the
+    writer's to send (:meth:`flush`) before anything else: plain bytes kept
+    here, ciphertext put back at the head of the ``SSLStream``'s outgoing
+    buffer.
     """
 
-    __slots__ = ("_lock", "_socket", "_ws", "_wsproto")
+    __slots__ = ("_broken", "_lock", "_rest", "_socket", "_tls", "_ws", "_wsproto")
 
-    def __init__(self, ws: Any, sock: trio.socket.SocketType) -> None:
+    def __init__(self, ws: Any, sock: trio.socket.SocketType, tls: Any) -> None:
         self._ws = ws
         self._wsproto = ws._wsproto
         self._lock = ws._stream_lock
         self._socket = sock
+        self._tls = tls
+        #: Plain bytes the socket did not take (TLS: they wait in the SSLStream).
+        self._rest = b""
+        #: The TLS object refused a write: the connection cannot go on.
+        self._broken = False
 
     @classmethod
     def install(cls, ws: WebSocketConnection) -> _DirectWriter | None:
         if not _BatchSender.supported(ws):
             return None
-        stream: object = ws._stream
-        while isinstance(stream, WrappedStream):
-            stream = stream.inner
-        if type(stream) is not trio.SocketStream:  # TLS, a memory stream, ...
+        stream = _unwrapped(ws._stream)
+        tls = None
+        if isinstance(stream, trio.SSLStream):
+            if not tls_internals(stream):
+                return None
+            tls = stream
+            stream = _unwrapped(stream.transport_stream)
+        if type(stream) is not trio.SocketStream:  # a memory stream, TLS over TLS, ...
             return None
-        return cls(ws, stream.socket)
+        return cls(ws, stream.socket, tls)
 
     def ready(self) -> bool:
-        """No write of trio-websocket's own (ping, pong, close) is under way
-        and the connection is open."""
-        return (
-            not self._lock.locked()
-            and self._wsproto.state is ConnectionState.OPEN
-            and not self._ws._close_reason
+        """No write is under way (trio-websocket's own: ping, pong, close; or
+        the TLS layer's) and the connection is open."""
+        if self._lock.locked() or self._wsproto.state is not ConnectionState.OPEN or (
+            self._ws._close_reason
+        ):
+            return False
+        tls = self._tls
+        return tls is None or (
+            not tls._inner_send_lock.locked()
+            and not tls._outgoing.pending
+            and tls._delayed_outgoing is None
+            and not tls._outer_send_conflict_detector._held
+            and tls._state.name == "OK"
+            and tls._handshook.done
         )
 
-    def write(self, frames: list[bytes]) -> bytes:
-        """Serialize and write ``frames``; return what the socket did not take."""
+    def write(self, frames: list[bytes]) -> bool:
+        """Serialize and write ``frames``; False if the socket did not take
+        everything (then the writer must :meth:`flush` before anything else)."""
         send = self._wsproto.send
         if len(frames) == 1:
             data = send(BytesMessage(data=frames[0]))
         else:
             data = b"".join([send(BytesMessage(data=frame)) for frame in frames])
+        tls = self._tls
+        if tls is not None:
+            try:
+                tls._ssl_object.write(data)
+            except (ssl.SSLError, ssl.CertificateError):
+                self._broken = True  # flush() ends the connection, as send_all would
+                return False
+            data = tls._outgoing.read()
         fd = self._socket.fileno()  # -1 once closed: never a reused descriptor
         try:
             n = os.write(fd, data) if fd >= 0 else 0
         except OSError:  # full (BlockingIOError), or broken: the writer reports it
             n = 0
-        return data[n:] if n < len(data) else b""
+        if n >= len(data):
+            return True
+        if tls is not None:
+            # The outgoing buffer was empty (ready()) and nothing ran since:
+            # the rest goes back at its head, ahead of any later ciphertext.
+            tls._outgoing.write(data[n:])
+        else:
+            self._rest = data[n:]
+        return False
+
+    async def flush(self) -> None:
+        """Send what :meth:`write` left (the writer task); ConnectionClosed if
+        the connection is closed or broken."""
+        ws: Any = self._ws
+        if self._tls is None:
+            data, self._rest = self._rest, b""
+            await _BatchSender(ws).send_raw(data)
+            return
+        tls = self._tls
+        try:
+            if self._broken:
+                raise trio.BrokenResourceError("TLS refused a write")
+            async with ws._stream_lock, tls._inner_send_lock:
+                data = tls._outgoing.read()
+                if data:
+                    await tls.transport_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws._close_reason) from None
 
 
 class _Unallocated(deque[Any]):
@@ -497,9 +620,9 @@ class Session:
     # Slots: a fleet server holds thousands of idle sessions, and a
     # dict for ~40 attributes (past CPython's key-sharing limit) is ~1.6 KiB.
     __slots__ = (
-        "_dial_lot", "_dial_stats", "_dials_in_flight", "_direct", "_ended", "_ended_event",
-        "_fifo", "_fifo_control", "_fifo_data_bytes",
-        "_fifo_in", "_fifo_out", "_nursery", "_on_connect", "_pauses_received", "_raw_out",
+        "_dial_lot", "_dial_stats", "_dials_in_flight", "_direct", "_direct_pending", "_ended",
+        "_ended_event", "_fifo", "_fifo_control", "_fifo_data_bytes",
+        "_fifo_in", "_fifo_out", "_nursery", "_on_connect", "_pauses_received",
         "_resets_local", "_resets_overrun", "_resets_peer", "_resets_protocol", "_resets_sync",
         "_small", "_small_bytes", "_small_run", "_space_lot", "_streams", "_transport",
         "_urgent", "_watch", "_writer_idle", "_writer_lot", "_writer_retire",
@@ -591,8 +714,8 @@ class Session:
         #: Frames are written by the task that makes them while nothing is
         #: queued (see _DirectWriter; set by run(), None when unsupported).
         self._direct: _DirectWriter | None = None
-        #: Serialized bytes a direct write left: the writer's first job.
-        self._raw_out = b""
+        #: A direct write left bytes the writer must send first (_DirectWriter.flush).
+        self._direct_pending = False
         self._space_lot: trio.lowlevel.ParkingLot | None = None
         # Our dials whose outcome is not known yet, and (made on first need)
         # where dials wait while max_dials_in_flight of them are (see dial_slot).
@@ -951,7 +1074,7 @@ class Session:
         direct = self._direct
         return (
             direct is not None
-            and not self._raw_out
+            and not self._direct_pending
             and not self._urgent
             and not self._small
             and not self._fifo
@@ -964,9 +1087,8 @@ class Session:
         """Write ``frames`` now (:meth:`_writes_through` said so); the writer
         gets what the socket did not take."""
         assert self._direct is not None
-        rest = self._direct.write(frames)
-        if rest:
-            self._raw_out = rest
+        if not self._direct.write(frames):
+            self._direct_pending = True
             if self._writer_running:
                 self._wake_writer()
             else:
@@ -1287,10 +1409,10 @@ class Session:
         small_frame = self.limits.small_frame_bytes + _MAX_DATA_HEADER
         try:
             while True:
-                if self._raw_out:
-                    assert batch_sender is not None  # there is a _DirectWriter
-                    data, self._raw_out = self._raw_out, b""
-                    await batch_sender.send_raw(data)
+                if self._direct_pending:
+                    self._direct_pending = False
+                    if self._direct is not None:
+                        await self._direct.flush()
                     continue
                 frame = self._next_frame()
                 if frame is None:
@@ -1388,7 +1510,7 @@ class Session:
             stream._fail(SessionLostError(f"session lost: {text}"), drop_buffer=False)
         self._urgent = self._fifo = self._small = _NO_QUEUE
         self._direct = None
-        self._raw_out = b""
+        self._direct_pending = False
         self._fifo_data_bytes = 0
         self._small_bytes = 0
         self._fifo_control = 0
