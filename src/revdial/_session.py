@@ -11,7 +11,7 @@ bytes and wakes tasks.
 
 Writes: a frame is never torn, even by a cancelled sender. While nothing is
 queued, a small frame is written at once by the task that made it (one
-non-blocking write on a plain socket, :class:`_DirectWriter`); otherwise, and for
+non-blocking write on a socket, under TLS or not, :class:`_DirectWriter`); otherwise, and for
 whatever the socket does not take, frames go through one writer task. Urgent
 frames (Pause, Resume, Sync, replies) overtake queued Data; Connect and closing
 Error frames keep their place behind their stream's Data. Small Data frames
