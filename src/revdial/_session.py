@@ -152,12 +152,23 @@ class ActivityStream(WrappedStream):
     (see ``_DirectWriter``), that is one round per frame.
     """
 
-    __slots__ = ("_tls", "last_receive")
+    __slots__ = ("_tls", "last_receive", "pending")
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         super().__init__(inner)
         self.last_receive = trio.current_time()
         self._tls: Any = None  # decided on first receive (see tls_internals)
+        #: The rest of a frame a direct write could not finish (``_DirectWriter``):
+        #: whatever is sent next -- a pong of trio-websocket's, the writer's
+        #: frames -- goes after it, never into the middle of that frame.
+        self.pending = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        pending = self.pending
+        if pending:
+            self.pending = b""
+            data = pending + bytes(data)
+        await self.inner.send_all(data)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
@@ -375,30 +386,39 @@ class _DirectWriter:
     that could order ciphertext before ours (its send lock free, nothing
     pending, no delayed session tickets, the handshake done): private state of
     trio's ``SSLStream``, used only with the trio releases it was tested with
-    (``TLS_TESTED_TRIO_VERSIONS``). What the socket does not take is the
-    writer's to send (:meth:`flush`) before anything else: plain bytes kept
-    here, ciphertext put back at the head of the ``SSLStream``'s outgoing
-    buffer.
+    (``TLS_TESTED_TRIO_VERSIONS``). What the socket does not take is sent
+    before anything else: plain bytes wait in the :class:`ActivityStream`
+    (``pending``), whose next ``send_all`` -- trio-websocket's own pong, or
+    the writer's :meth:`flush` -- sends them first; ciphertext goes back at
+    the head of the ``SSLStream``'s outgoing buffer, which its next operation
+    sends first.
     """
 
-    __slots__ = ("_broken", "_lock", "_rest", "_socket", "_tls", "_ws", "_wsproto")
+    __slots__ = ("_broken", "_lock", "_socket", "_tls", "_transport", "_ws", "_wsproto")
 
-    def __init__(self, ws: Any, sock: trio.socket.SocketType, tls: Any) -> None:
+    def __init__(
+        self, ws: Any, transport: ActivityStream, sock: trio.socket.SocketType, tls: Any
+    ) -> None:
         self._ws = ws
         self._wsproto = ws._wsproto
         self._lock = ws._stream_lock
+        self._transport = transport
         self._socket = sock
         self._tls = tls
-        #: Plain bytes the socket did not take (TLS: they wait in the SSLStream).
-        self._rest = b""
         #: The TLS object refused a write: the connection cannot go on.
         self._broken = False
 
     @classmethod
-    def install(cls, ws: WebSocketConnection) -> _DirectWriter | None:
+    def install(cls, ws: WebSocketConnection, transport: ActivityStream) -> _DirectWriter | None:
+        """For ``ws`` over ``transport`` (which all its writes must pass)."""
         if not _BatchSender.supported(ws):
             return None
-        stream = _unwrapped(ws._stream)
+        stream: object = ws._stream
+        while stream is not transport:  # every write of trio-websocket's passes it
+            if not isinstance(stream, WrappedStream):
+                return None
+            stream = stream.inner
+        stream = _unwrapped(stream)
         tls = None
         if isinstance(stream, trio.SSLStream):
             if not tls_internals(stream):
@@ -407,13 +427,13 @@ class _DirectWriter:
             stream = _unwrapped(stream.transport_stream)
         if type(stream) is not trio.SocketStream:  # a memory stream, TLS over TLS, ...
             return None
-        return cls(ws, stream.socket, tls)
+        return cls(ws, transport, stream.socket, tls)
 
     def ready(self) -> bool:
         """No write is under way (trio-websocket's own: ping, pong, close; or
         the TLS layer's) and the connection is open."""
         if self._lock.locked() or self._wsproto.state is not ConnectionState.OPEN or (
-            self._ws._close_reason
+            self._ws._close_reason or self._transport.pending
         ):
             return False
         tls = self._tls
@@ -454,7 +474,7 @@ class _DirectWriter:
             # the rest goes back at its head, ahead of any later ciphertext.
             tls._outgoing.write(data[n:])
         else:
-            self._rest = data[n:]
+            self._transport.pending = data[n:]
         return False
 
     async def flush(self) -> None:
@@ -462,8 +482,9 @@ class _DirectWriter:
         the connection is closed or broken."""
         ws: Any = self._ws
         if self._tls is None:
-            data, self._rest = self._rest, b""
-            await _BatchSender(ws).send_raw(data)
+            # The transport sends its pending bytes first (unless a pong of
+            # trio-websocket's already took them along).
+            await _BatchSender(ws).send_raw(b"")
             return
         tls = self._tls
         try:
@@ -909,7 +930,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                self._direct = _DirectWriter.install(self.ws)
+                self._direct = _DirectWriter.install(self.ws, self._transport)
                 if self._urgent or self._fifo or self._small:
                     self._start_writer()
                 if self.role is Role.CLIENT:
