@@ -34,6 +34,7 @@ import trustme
 from conftest import receive_exactly
 from revdial import Limits, Session, SessionLostError, TunnelStream
 from revdial import _session as session_module
+from revdial._frames import MessageType, decode
 from revdial._session import TLS_TESTED_TRIO_VERSIONS, ActivityStream, _DirectWriter
 from revdial._state import Role
 from revdial.testing import echo_handler, websocket_handshake
@@ -276,6 +277,37 @@ async def test_nothing_is_written_into_the_middle_of_a_short_write(
             assert await receive_exactly(stream, 28) == b"a frame cut after five bytes"
         assert client.end_reason is None
         assert server.end_reason is None
+
+
+async def test_pause_and_resume_are_written_at_once_too(
+    monkeypatch: pytest.MonkeyPatch, tls: bool
+) -> None:
+    """Urgent control frames (here the server's Pause and Resume for a stream
+    its reader lets fill up) take the direct path like Data."""
+    seen: dict[int, trio.Event] = {MessageType.PAUSE: trio.Event(),
+                                   MessageType.RESUME: trio.Event()}
+    servers: list[Session] = []
+    original = Session._write_through
+
+    def record(self: Session, frames: list[bytes]) -> None:
+        for frame in frames:
+            mtype = decode(frame).type
+            if self in servers and mtype in seen:
+                seen[mtype].set()
+        original(self, frames)
+
+    monkeypatch.setattr(Session, "_write_through", record)
+    limits = Limits(ping_timeout=3600.0, ping_interval=3000.0,
+                    stream_high_water=8 * KiB, stream_low_water=2 * KiB)
+    async with socket_sessions(tls, limits) as (server, _):
+        servers.append(server)
+        stream = server.open_stream("tcp", "echo:1")
+        payload = os.urandom(32 * KiB)
+        with trio.fail_after(10):
+            await stream.send_all(payload)  # echoed back, not read yet
+            await seen[MessageType.PAUSE].wait()
+            assert await receive_exactly(stream, len(payload)) == payload
+            await seen[MessageType.RESUME].wait()
 
 
 async def test_a_broken_socket_ends_the_session_not_a_hang(writes: _Writes, tls: bool) -> None:

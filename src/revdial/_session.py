@@ -1118,10 +1118,6 @@ class Session:
     def _flush_state(self) -> None:
         state = self.state
         urgent = state.take_urgent()
-        if urgent:
-            if self._urgent is _NO_QUEUE:
-                self._urgent = deque()
-            self._urgent.extend(urgent)
         ordered = state.take_ordered()
         if (urgent or ordered) and self._writes_through():
             if ordered:  # as if queued and taken: their streams may use the small lane
@@ -1129,6 +1125,10 @@ class Session:
                 self._fifo_out += len(ordered)
             self._write_through(urgent + ordered)
             return
+        if urgent:
+            if self._urgent is _NO_QUEUE:
+                self._urgent = deque()
+            self._urgent.extend(urgent)
         if ordered:
             if self._fifo is _NO_QUEUE:
                 self._fifo = deque()
